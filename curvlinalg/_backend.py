@@ -1,0 +1,211 @@
+"""The one place where curvlinalg knows about concrete array libraries.
+
+Everything else in the package is written against the array API standard. This module
+
+
+* resolves the namespace of a call's inputs (mixed namespaces are a ``ValueError``),
+* tells whether an array's values are available (a JAX tracer's are not), so that value
+  checks run eagerly and are skipped under ``jax.jit``,
+* provides the linear-algebra operations the standard lacks or leaves slow: Cholesky with a
+  failure flag, triangular solves and a fast symmetric eigensolver. Each has a fast path for
+  NumPy/SciPy, CuPy, PyTorch and JAX and a portable fallback for any other namespace
+  (array-api-strict among them).
+
+Frameworks are never imported here: a fast path is taken only when the input already is an
+array of that framework, and the framework module is then looked up in ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+
+Array = Any
+
+__all__ = [
+    "namespace",
+    "device",
+    "is_traced",
+    "cholesky",
+    "solve_triangular",
+    "cholesky_inverse",
+    "eigh",
+    "eye_like",
+]
+
+
+def namespace(*named: tuple[str, Any]) -> ModuleType:
+    """Array namespace shared by the arrays among ``(name, value)`` pairs.
+
+    Values that are ``None`` or Python scalars are ignored. Raises ``ValueError`` naming the
+    arguments when they come from different array libraries, and when no argument is an array.
+    """
+    arrays = [(name, value) for name, value in named if _is_array(value)]
+    if not arrays:
+        names = ", ".join(name for name, _ in named)
+        raise ValueError(f"expected at least one array among ({names}); got none")
+    spaces: dict[int, tuple[ModuleType, str]] = {}
+    for name, value in arrays:
+        try:
+            xp = array_api_compat.array_namespace(value)
+        except TypeError as exc:  # not an array-API object at all
+            raise ValueError(f"{name}: unsupported array type {type(value).__name__}") from exc
+        spaces.setdefault(id(xp), (xp, name))
+    if len(spaces) > 1:
+        described = ", ".join(f"{name} is {_library(xp)}" for xp, name in spaces.values())
+        raise ValueError(f"arrays from different libraries in one call: {described}")
+    return next(iter(spaces.values()))[0]
+
+
+def _is_array(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, complex)):
+        return False
+    return array_api_compat.is_array_api_obj(value)
+
+
+def _library(xp: ModuleType) -> str:
+    name = xp.__name__
+    return name.removeprefix("array_api_compat.")
+
+
+def device(x: Array) -> Any:
+    """The device of ``x`` in the array API sense (``array_api_compat.device``)."""
+    return array_api_compat.device(x)
+
+
+def is_traced(x: Any) -> bool:
+    """True when ``x`` is an abstract JAX value (inside ``jit``/``vmap``/``grad``), whose
+    values cannot be inspected from Python."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return False
+    return isinstance(x, jax.core.Tracer)
+
+
+def eye_like(xp: ModuleType, n: int, like: Array) -> Array:
+    """``n×n`` identity with the dtype and device of ``like``."""
+    return xp.eye(n, dtype=like.dtype, device=device(like))
+
+
+# --------------------------------------------------------------------------------------
+# Cholesky with a failure flag
+# --------------------------------------------------------------------------------------
+
+
+def cholesky(xp: ModuleType, m: Array) -> tuple[Array, bool | None]:
+    """Lower Cholesky factor ``L`` (``m = L Lᵀ``) of a symmetric matrix or stack of matrices.
+
+    Returns ``(L, ok)``. ``ok`` is ``True``/``False`` when the factorisation's success is
+    known from Python, and ``None`` when it is not (traced JAX values): then ``L`` holds NaN
+    where the factorisation failed, which is how JAX reports it.
+    """
+    if array_api_compat.is_numpy_namespace(xp):
+        import numpy as np
+
+        try:
+            factor = np.linalg.cholesky(m)
+        except np.linalg.LinAlgError:
+            return m, False
+        return factor, True
+    if array_api_compat.is_torch_namespace(xp):
+        torch = sys.modules["torch"]
+        factor, info = torch.linalg.cholesky_ex(m)
+        return factor, not bool(torch.any(info != 0))
+    try:
+        factor = xp.linalg.cholesky(m)
+    except Exception as exc:  # array-api-strict and others raise their library's LinAlgError
+        if type(exc).__name__ == "LinAlgError":
+            return m, False
+        raise
+    if is_traced(factor):
+        return factor, None
+    # CuPy and JAX signal failure with NaN rather than an exception.
+    return factor, bool(xp.all(xp.isfinite(factor)))
+
+
+# --------------------------------------------------------------------------------------
+# Triangular solve
+# --------------------------------------------------------------------------------------
+
+
+def solve_triangular(
+    xp: ModuleType, triangle: Array, rhs: Array, *, lower: bool, transpose: bool = False
+) -> Array:
+    """Solve ``T X = rhs`` (or ``Tᵀ X = rhs`` with ``transpose=True``) for a triangular ``T``.
+
+    ``T`` is ``(n, n)``; ``rhs`` is ``(n, k)``.
+    """
+    if array_api_compat.is_numpy_namespace(xp):
+        import scipy.linalg
+
+        return scipy.linalg.solve_triangular(
+            triangle, rhs, lower=lower, trans=1 if transpose else 0, check_finite=False
+        )
+    if array_api_compat.is_torch_namespace(xp):
+        torch = sys.modules["torch"]
+        if transpose:
+            return torch.linalg.solve_triangular(triangle.mT, rhs, upper=lower)
+        return torch.linalg.solve_triangular(triangle, rhs, upper=not lower)
+    if array_api_compat.is_jax_namespace(xp):
+        jax_scipy_linalg = _import("jax.scipy.linalg")
+        return jax_scipy_linalg.solve_triangular(
+            triangle, rhs, lower=lower, trans=1 if transpose else 0
+        )
+    if array_api_compat.is_cupy_namespace(xp):
+        cupyx_linalg = _import("cupyx.scipy.linalg")
+        return cupyx_linalg.solve_triangular(
+            triangle, rhs, lower=lower, trans=1 if transpose else 0
+        )
+    # Portable fallback: a general solve of the triangular system (LU on a triangular
+    # matrix needs no pivoting, so it is as accurate; it costs a small constant more).
+    if transpose:
+        triangle = xp.matrix_transpose(triangle)
+    return xp.linalg.solve(triangle, rhs)
+
+
+def cholesky_inverse(xp: ModuleType, lower: Array) -> Array:
+    """``(L Lᵀ)⁻¹`` from the lower Cholesky factor ``L`` (symmetric result)."""
+    if array_api_compat.is_numpy_namespace(xp):
+        import numpy as np
+        import scipy.linalg.lapack as lapack
+
+        potri = lapack.dpotri if lower.dtype == np.float64 else lapack.spotri
+        packed, info = potri(lower, lower=True)
+        if info != 0:  # only for a singular factor, which cholesky() already ruled out
+            raise np.linalg.LinAlgError(f"potri failed with info={info}")
+        # potri fills one triangle; mirror it.
+        return np.tril(packed) + np.tril(packed, -1).T
+    if array_api_compat.is_torch_namespace(xp):
+        torch = sys.modules["torch"]
+        return torch.cholesky_inverse(lower)
+    inverse_factor = solve_triangular(xp, lower, eye_like(xp, lower.shape[0], lower), lower=True)
+    return xp.matrix_transpose(inverse_factor) @ inverse_factor
+
+
+# --------------------------------------------------------------------------------------
+# Symmetric eigendecomposition
+# --------------------------------------------------------------------------------------
+
+
+def eigh(xp: ModuleType, m: Array) -> tuple[Array, Array]:
+    """Eigenvalues (ascending) and eigenvectors of a symmetric matrix."""
+    if array_api_compat.is_numpy_namespace(xp):
+        import scipy.linalg
+
+        # The divide-and-conquer driver is several times faster than NumPy's default
+        # (``syevd`` vs ``syev``-based) for the sizes of layer factors.
+        return scipy.linalg.eigh(m, driver="evd", check_finite=False)
+    values, vectors = xp.linalg.eigh(m)
+    return values, vectors
+
+
+def _import(name: str) -> ModuleType:
+    module = sys.modules.get(name)
+    if module is None:
+        import importlib
+
+        module = importlib.import_module(name)
+    return module

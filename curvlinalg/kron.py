@@ -1,0 +1,514 @@
+r"""Kronecker-factored curvature: factors, damping rules, damped inverses and solves.
+
+Conventions (the whole package uses them):
+
+* A layer's weight ``W`` has shape ``(d_out, d_in)``.
+* The Kronecker block ``A ⊗ G`` — ``A`` the *input factor* (``d_in×d_in``), ``G`` the
+  *output factor* (``d_out×d_out``) — acts on a gradient matrix ``V`` (``d_out×d_in``) as
+  ``(A ⊗ G) vec(V) = vec(G V A)`` with column-major ``vec``.
+* Factors are *means* over examples (and positions): ``A = aᵀa / N``. Summing instead of
+  averaging rescales the meaning of the damping and learning rate by the batch size.
+
+References: Martens & Grosse (2015), *Optimizing neural networks with Kronecker-factored
+approximate curvature*; Benzing (2022), *Gradient descent on neurons and its link to
+approximate second-order optimization*.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from . import _backend, _checks
+from ._checks import NotPositiveDefiniteError
+
+Array = Any
+
+__all__ = [
+    "Eigh",
+    "DebiasedAverage",
+    "NotPositiveDefiniteError",
+    "factor",
+    "ema",
+    "debiased_ema",
+    "split_damping",
+    "inverse",
+    "precondition",
+    "precondition_factored",
+    "precondition_captures",
+    "eigh",
+    "generalized_eigh",
+    "eigen_solve",
+    "sum_eigen_solve",
+    "sum_solve",
+]
+
+
+class Eigh(NamedTuple):
+    """Symmetric eigendecomposition ``m = vectors · diag(values) · vectorsᵀ``.
+
+    ``values``: ``(n,)``, ascending. ``vectors``: ``(n, n)``, eigenvectors in columns.
+    For :func:`generalized_eigh` the columns are ``b``-orthonormal instead.
+    """
+
+    values: Array
+    vectors: Array
+
+
+class DebiasedAverage(NamedTuple):
+    """State of a zero-initialised exponential average with bias correction.
+
+    ``total = Σ_j (1−m) m^{t−j} x_j`` and ``weight = 1 − m^t`` after ``t`` updates; the
+    average is ``value = total / weight``, a convex combination of the inputs.
+    """
+
+    total: Array
+    weight: Array | float
+
+    @property
+    def value(self) -> Array:
+        """The bias-corrected average ``total / weight``."""
+        return self.total / self.weight
+
+
+def _symmetric(xp: Any, m: Array) -> Array:
+    # Factorisations read one triangle; averaging both makes the result independent of
+    # which one a backend reads and removes rounding asymmetry of products like xᵀx.
+    return (m + xp.matrix_transpose(m)) / 2
+
+
+# --------------------------------------------------------------------------------------
+# Factors and their averages
+# --------------------------------------------------------------------------------------
+
+
+def factor(x: Array, *, bias: bool = False, check_finite: bool = True) -> Array:
+    r"""Kronecker factor ``xᵀx / N`` of activations or output gradients.
+
+    ``x`` has shape ``(..., d)``; every leading axis counts as an example (batch, spatial
+    position, sequence position) and ``N`` is the product of the leading sizes, so the result
+    is the *mean* outer product. With ``bias=True`` a column of ones is appended first (the
+    homogeneous coordinate of a layer with bias), giving a ``(d+1)×(d+1)`` factor.
+
+    Returns a symmetric ``(d, d)`` array (``(d+1, d+1)`` with bias) of ``x``'s dtype.
+    """
+    xp = _backend.namespace(("x", x))
+    _checks.floating(xp, "x", x)
+    _checks.ndim_at_least("x", x, 2)
+    width = int(x.shape[-1])
+    count = math.prod(int(size) for size in x.shape[:-1])
+    if count == 0:
+        raise ValueError(f"x has no examples; got shape {tuple(x.shape)}")
+    if check_finite:
+        _checks.finite(xp, "x", x)
+    rows = xp.reshape(x, (count, width))
+    if bias:
+        ones = xp.ones((count, 1), dtype=x.dtype, device=_backend.device(x))
+        rows = xp.concat([rows, ones], axis=1)
+    return _symmetric(xp, xp.matrix_transpose(rows) @ rows) / count
+
+
+def ema(average: Array | None, new: Array, decay: float | Array) -> Array:
+    r"""Exponential moving average ``decay·average + (1−decay)·new``.
+
+    ``average=None`` returns ``new`` unchanged: the first estimate is taken as is (Puiu's κ
+    convention, ``F̄_0 = F_0``), so a constant input gives exactly that constant.
+    ``decay`` is in ``[0, 1]``; a Python number or a 0-d array.
+    """
+    _checks.scalar("decay", decay, minimum=0.0, maximum=1.0)
+    if average is None:
+        _backend.namespace(("new", new))
+        return new
+    xp = _backend.namespace(("average", average), ("new", new))
+    _checks.floating(xp, "new", new)
+    _checks.same_dtype([("average", average), ("new", new)])
+    if tuple(average.shape) != tuple(new.shape):
+        raise ValueError(
+            f"shape mismatch: average has shape {tuple(average.shape)} "
+            f"but new has shape {tuple(new.shape)}"
+        )
+    return decay * average + (1 - decay) * new
+
+
+def debiased_ema(
+    state: DebiasedAverage | None, new: Array, decay: float | Array
+) -> DebiasedAverage:
+    r"""Zero-initialised exponential average with Adam-style bias correction.
+
+    ``total ← m·total + (1−m)·new`` and ``weight ← m·weight + (1−m)`` (so ``weight = 1−m^t``
+    after ``t`` updates); ``state.value = total / weight`` weighs input ``j`` by
+    ``(1−m) m^{t−j} / (1−m^t)``, weights summing to one. ``state=None`` starts from zero.
+    This is Benzing's factor average; :func:`ema` is Puiu's (first estimate taken as is).
+    """
+    _checks.scalar("decay", decay, minimum=0.0, maximum=1.0)
+    xp = _backend.namespace(("new", new))
+    _checks.floating(xp, "new", new)
+    if state is None:
+        return DebiasedAverage(total=(1 - decay) * new, weight=1 - decay)
+    if tuple(state.total.shape) != tuple(new.shape):
+        raise ValueError(
+            f"shape mismatch: state.total has shape {tuple(state.total.shape)} "
+            f"but new has shape {tuple(new.shape)}"
+        )
+    return DebiasedAverage(
+        total=decay * state.total + (1 - decay) * new,
+        weight=decay * state.weight + (1 - decay),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Damping
+# --------------------------------------------------------------------------------------
+
+
+def split_damping(a: Array, g: Array, damping: float | Array) -> tuple[Array, Array]:
+    r"""Factored (π) damping of Martens & Grosse: ``(damping_a, damping_g)``.
+
+    ``damping_a · damping_g = damping`` and
+    ``damping_a / damping_g = (tr a / d_in) / (tr g / d_out)``, i.e. ``damping_a = π√λ``,
+    ``damping_g = √λ/π`` with ``π = sqrt((tr a / d_in)/(tr g / d_out))``. The rule is
+    invariant to scaling both factors by the same number. Used as
+    ``(a + damping_a·I)⁻¹ ⊗ (g + damping_g·I)⁻¹``.
+
+    When either trace is not positive (an all-zero factor) the ratio is undefined and the
+    damping is split evenly (π = 1) instead of producing NaN.
+
+    Returns two 0-d arrays of ``a``'s dtype.
+    """
+    xp = _backend.namespace(("a", a), ("g", g), ("damping", damping))
+    _checks.floating(xp, "a", a)
+    _checks.same_dtype([("a", a), ("g", g)])
+    dim_a = _checks.square("a", a)
+    dim_g = _checks.square("g", g)
+    _checks.scalar("damping", damping, minimum=0.0)
+    mean_a = xp.sum(xp.linalg.diagonal(a)) / dim_a
+    mean_g = xp.sum(xp.linalg.diagonal(g)) / dim_g
+    valid = (mean_a > 0) & (mean_g > 0)
+    one = xp.ones_like(mean_a)
+    ratio = xp.where(valid, mean_a / xp.where(valid, mean_g, one), one)
+    pi = xp.sqrt(ratio)
+    root = xp.sqrt(xp.asarray(damping, dtype=a.dtype, device=_backend.device(a)))
+    return pi * root, root / pi
+
+
+# --------------------------------------------------------------------------------------
+# Inverses and preconditioning
+# --------------------------------------------------------------------------------------
+
+
+def inverse(m: Array, damping: float | Array = 0.0, *, check_finite: bool = True) -> Array:
+    r"""Damped inverse ``(m + damping·I)⁻¹`` of a symmetric positive (semi)definite ``m``.
+
+    Computed through a Cholesky factorisation of the symmetrised ``m + damping·I``. Raises
+    :class:`curvlinalg.NotPositiveDefiniteError` (a ``ValueError``) when that matrix is not
+    positive definite. Under ``jax.jit`` the check cannot run; the result is then NaN.
+
+    ``m``: ``(n, n)``, float32 or float64. ``damping``: ``≥ 0``. Returns ``(n, n)``.
+    """
+    xp = _backend.namespace(("m", m), ("damping", damping))
+    _checks.linalg_dtype(xp, "m", m)
+    size = _checks.square("m", m)
+    _checks.scalar("damping", damping, minimum=0.0)
+    if check_finite:
+        _checks.finite(xp, "m", m)
+    damped = _symmetric(xp, m) + damping * _backend.eye_like(xp, size, m)
+    lower = _cholesky(xp, damped, "m + damping·I")
+    return _symmetric(xp, _backend.cholesky_inverse(xp, lower))
+
+
+def _cholesky(xp: Any, m: Array, what: str) -> Array:
+    lower, ok = _backend.cholesky(xp, m)
+    if ok is False:
+        raise NotPositiveDefiniteError(
+            f"{what} is not positive definite (Cholesky failed); increase the damping or "
+            "check the matrix for negative eigenvalues"
+        )
+    return lower
+
+
+def _check_preconditioners(
+    xp: Any, d_out: int, d_in: int, a_inv: Array, g_inv: Array | None
+) -> None:
+    _checks.matching("a_inv", _checks.square("a_inv", a_inv), "the gradient's d_in", d_in, "size")
+    if g_inv is not None:
+        _checks.matching(
+            "g_inv", _checks.square("g_inv", g_inv), "the gradient's d_out", d_out, "size"
+        )
+
+
+def precondition(
+    grad: Array, a_inv: Array, g_inv: Array | None = None, *, check_finite: bool = True
+) -> Array:
+    r"""Kronecker-preconditioned gradient ``g_inv @ grad @ a_inv``.
+
+    This is ``mat((a_inv ⊗ g_inv) vec(grad))`` for symmetric ``a_inv`` and ``g_inv``: the
+    K-FAC step with ``a_inv = (A + λ_A I)⁻¹``, ``g_inv = (G + λ_G I)⁻¹``. With
+    ``g_inv=None`` it is the FOOF step ``grad @ a_inv`` (Benzing 2022, eq. 6), whose
+    preconditioner ``(A + λI)⁻¹ ⊗ I`` does not depend on the loss.
+
+    ``grad``: ``(..., d_out, d_in)`` (leading batch axes allowed); ``a_inv``:
+    ``(d_in, d_in)``; ``g_inv``: ``(d_out, d_out)`` or ``None``. Returns ``grad``'s shape.
+    When the gradient is a mean of outer products ``eᵀa / B`` with ``B`` smaller than the
+    layer's width, :func:`precondition_factored` is several times cheaper.
+    """
+    xp = _backend.namespace(("grad", grad), ("a_inv", a_inv), ("g_inv", g_inv))
+    _checks.floating(xp, "grad", grad)
+    _checks.ndim_at_least("grad", grad, 2)
+    _checks.same_dtype([("grad", grad), ("a_inv", a_inv), ("g_inv", g_inv)])
+    _check_preconditioners(xp, int(grad.shape[-2]), int(grad.shape[-1]), a_inv, g_inv)
+    if check_finite:
+        _checks.finite(xp, "grad", grad)
+    result = grad @ a_inv
+    return result if g_inv is None else g_inv @ result
+
+
+def _flatten_captures(xp: Any, a: Array, e: Array) -> tuple[Array, Array, int]:
+    """Validate a layer's captures and flatten them to ``(N, d_in)``, ``(N, d_out)``."""
+    _checks.floating(xp, "a", a)
+    _checks.same_dtype([("a", a), ("e", e)])
+    if a.ndim not in (2, 3) or e.ndim != a.ndim:
+        raise ValueError(
+            "a and e must both be (B, d) or both (B, T, d); "
+            f"got a {tuple(a.shape)} and e {tuple(e.shape)}"
+        )
+    if tuple(a.shape[:-1]) != tuple(e.shape[:-1]):
+        raise ValueError(
+            f"shape mismatch: a has leading shape {tuple(a.shape[:-1])} but e has "
+            f"{tuple(e.shape[:-1])} (batch and position axes must agree)"
+        )
+    batch = int(a.shape[0])
+    if batch == 0:
+        raise ValueError("a and e have an empty batch")
+    count = math.prod(int(size) for size in a.shape[:-1])
+    return (
+        xp.reshape(a, (count, int(a.shape[-1]))),
+        xp.reshape(e, (count, int(e.shape[-1]))),
+        batch,
+    )
+
+
+def precondition_captures(
+    a: Array, e: Array, a_inv: Array, g_inv: Array | None = None, *, check_finite: bool = True
+) -> tuple[Array, Array]:
+    r"""Precondition a layer's gradient in factored form: ``(a @ a_inv, e @ g_inv)``.
+
+    The mean gradient of a batch is ``∇W = (1/B) Σ_{i,t} e_itᵀ a_it``; its preconditioned
+    version ``g_inv ∇W a_inv`` equals ``(1/B) Σ_{i,t} ẽ_itᵀ ã_it`` with the returned
+    ``ã = a @ a_inv`` and ``ẽ = e @ g_inv`` (``e`` unchanged when ``g_inv`` is ``None``,
+    FOOF). An optimizer can fuse that product into the parameter update
+    (``W ← W − (lr/B)·ẽᵀã``) and never form ``∇W``.
+
+    ``a``: ``(B, d_in)`` or ``(B, T, d_in)``; ``e``: ``(B, d_out)`` or ``(B, T, d_out)``.
+    Returns arrays of the same shapes as ``a`` and ``e``.
+    """
+    xp = _backend.namespace(("a", a), ("e", e), ("a_inv", a_inv), ("g_inv", g_inv))
+    _flatten_captures(xp, a, e)
+    _checks.same_dtype([("a", a), ("a_inv", a_inv), ("g_inv", g_inv)])
+    _check_preconditioners(xp, int(e.shape[-1]), int(a.shape[-1]), a_inv, g_inv)
+    if check_finite:
+        _checks.finite(xp, "a", a)
+        _checks.finite(xp, "e", e)
+    return a @ a_inv, (e if g_inv is None else e @ g_inv)
+
+
+def precondition_factored(
+    a: Array, e: Array, a_inv: Array, g_inv: Array | None = None, *, check_finite: bool = True
+) -> Array:
+    r"""``precondition(∇W, a_inv, g_inv)`` for the mean gradient ``∇W = (1/B) Σ_{i,t} e_itᵀ a_it``.
+
+    The same result as ``precondition(eᵀa / B, a_inv, g_inv)`` (``B = a.shape[0]``; positions
+    are summed within an example, as for a convolution), computed in whichever order costs
+    fewer multiplications for the static shapes: preconditioning the captures
+    (``N·(d_in² + d_out² + d_out·d_in)`` with ``N = B·T``) or forming ``∇W`` first
+    (``N·d_out·d_in + d_out·d_in² + d_out²·d_in``). At ``d_in = d_out = 1000`` and ``B = 100``
+    the factored order needs about 6.7× fewer (K-FAC) or 5.5× (FOOF).
+
+    ``a``: ``(B, d_in)`` or ``(B, T, d_in)``; ``e``: ``(B, d_out)`` or ``(B, T, d_out)``.
+    Returns ``(d_out, d_in)``.
+    """
+    xp = _backend.namespace(("a", a), ("e", e), ("a_inv", a_inv), ("g_inv", g_inv))
+    rows_a, rows_e, batch = _flatten_captures(xp, a, e)
+    _checks.same_dtype([("a", a), ("a_inv", a_inv), ("g_inv", g_inv)])
+    count, d_in = (int(size) for size in rows_a.shape)
+    d_out = int(rows_e.shape[1])
+    _check_preconditioners(xp, d_out, d_in, a_inv, g_inv)
+    if check_finite:
+        _checks.finite(xp, "a", a)
+        _checks.finite(xp, "e", e)
+    output_cost = 0 if g_inv is None else 1
+    factored_cost = count * (d_in * d_in + output_cost * d_out * d_out + d_out * d_in)
+    dense_cost = count * d_out * d_in + d_out * d_in * d_in + output_cost * d_out * d_out * d_in
+    scaled_e = rows_e / batch
+    if factored_cost < dense_cost:
+        if g_inv is not None:
+            scaled_e = scaled_e @ g_inv
+        return xp.matrix_transpose(scaled_e) @ (rows_a @ a_inv)
+    result = (xp.matrix_transpose(scaled_e) @ rows_a) @ a_inv
+    return result if g_inv is None else g_inv @ result
+
+
+# --------------------------------------------------------------------------------------
+# Eigenbasis solves
+# --------------------------------------------------------------------------------------
+
+
+def eigh(m: Array, *, check_finite: bool = True) -> Eigh:
+    r"""Eigendecomposition ``m = V diag(s) Vᵀ`` of a symmetric ``m`` (symmetrised first).
+
+    ``m``: ``(n, n)`` float32/float64. Returns :class:`Eigh` with ``values`` ascending.
+    Uses the divide-and-conquer driver where the backend offers it.
+    """
+    xp = _backend.namespace(("m", m))
+    _checks.linalg_dtype(xp, "m", m)
+    _checks.square("m", m)
+    if check_finite:
+        _checks.finite(xp, "m", m)
+    values, vectors = _backend.eigh(xp, _symmetric(xp, m))
+    return Eigh(values, vectors)
+
+
+def generalized_eigh(m: Array, b: Array, *, check_finite: bool = True) -> Eigh:
+    r"""Generalised symmetric eigenproblem ``m v = s b v`` with ``b`` positive definite.
+
+    Returns :class:`Eigh` whose ``vectors`` ``V`` satisfy ``Vᵀ b V = I`` and
+    ``Vᵀ m V = diag(values)`` (values ascending). Computed as ``V = L⁻ᵀ Q`` where
+    ``b = L Lᵀ`` (Cholesky) and ``Q diag(s) Qᵀ = L⁻¹ m L⁻ᵀ``. Raises
+    :class:`NotPositiveDefiniteError` when ``b`` is not positive definite.
+    """
+    return _generalized_eigh(m, b, "m", "b", check_finite=check_finite)
+
+
+def _generalized_eigh(
+    m: Array, b: Array, m_name: str, b_name: str, *, check_finite: bool
+) -> Eigh:
+    xp = _backend.namespace((m_name, m), (b_name, b))
+    _checks.linalg_dtype(xp, m_name, m)
+    _checks.same_dtype([(m_name, m), (b_name, b)])
+    size = _checks.square(m_name, m)
+    _checks.matching(b_name, _checks.square(b_name, b), m_name, size, "size")
+    if check_finite:
+        _checks.finite(xp, m_name, m)
+        _checks.finite(xp, b_name, b)
+    lower = _cholesky(xp, _symmetric(xp, b), b_name)
+    half = _backend.solve_triangular(xp, lower, _symmetric(xp, m), lower=True)  # L⁻¹ m
+    whitened = _backend.solve_triangular(xp, lower, xp.matrix_transpose(half), lower=True)
+    values, rotation = _backend.eigh(xp, _symmetric(xp, whitened))
+    vectors = _backend.solve_triangular(xp, lower, rotation, lower=True, transpose=True)
+    return Eigh(values, vectors)
+
+
+def _check_eigh(name: str, decomposition: Any, size: int, size_name: str) -> None:
+    if not (isinstance(decomposition, tuple) and len(decomposition) == 2):
+        raise ValueError(f"{name} must be an Eigh(values, vectors); got {type(decomposition)}")
+    values, vectors = decomposition
+    if values.ndim != 1 or vectors.ndim != 2 or tuple(vectors.shape) != (values.shape[0],) * 2:
+        raise ValueError(
+            f"{name} must hold values (n,) and vectors (n, n); got "
+            f"{tuple(values.shape)} and {tuple(vectors.shape)}"
+        )
+    _checks.matching(name, int(values.shape[0]), size_name, size, "size")
+
+
+def _diagonal_solve(
+    xp: Any, grad: Array, a_vectors: Array, g_vectors: Array, denominator: Array
+) -> Array:
+    """``U_G [(U_Gᵀ grad U_A) ⊘ denominator] U_Aᵀ`` (transforms need not be orthogonal)."""
+    rotated = xp.matrix_transpose(g_vectors) @ grad @ a_vectors
+    return g_vectors @ (rotated / denominator) @ xp.matrix_transpose(a_vectors)
+
+
+def _positive_denominator(xp: Any, denominator: Array, what: str) -> None:
+    if _backend.is_traced(denominator):
+        return
+    if not bool(xp.all(denominator > 0)):
+        raise NotPositiveDefiniteError(f"{what} is not positive definite")
+
+
+def eigen_solve(
+    grad: Array, a_eigh: Eigh, g_eigh: Eigh, damping: float | Array, *, check_finite: bool = True
+) -> Array:
+    r"""Exactly damped Kronecker solve ``mat((A⊗G + damping·I)⁻¹ vec(grad))``.
+
+    With ``A = U_A diag(s_A) U_Aᵀ`` and ``G = U_G diag(s_G) U_Gᵀ`` (from :func:`eigh`):
+    ``U_G [(U_Gᵀ grad U_A) ⊘ (s_G s_Aᵀ + damping)] U_Aᵀ``. Costs two multiplications by each
+    eigenbasis; reuse the decompositions across steps.
+
+    ``grad``: ``(..., d_out, d_in)``; ``a_eigh`` of ``A`` (``d_in×d_in``); ``g_eigh`` of ``G``
+    (``d_out×d_out``); ``damping ≥ 0``. Raises :class:`NotPositiveDefiniteError` when some
+    ``s_G,i s_A,j + damping ≤ 0``.
+    """
+    xp = _backend.namespace(
+        ("grad", grad), ("a_eigh", a_eigh[1]), ("g_eigh", g_eigh[1]), ("damping", damping)
+    )
+    _checks.floating(xp, "grad", grad)
+    _checks.ndim_at_least("grad", grad, 2)
+    _check_eigh("a_eigh", a_eigh, int(grad.shape[-1]), "the gradient's d_in")
+    _check_eigh("g_eigh", g_eigh, int(grad.shape[-2]), "the gradient's d_out")
+    _checks.same_dtype([("grad", grad), ("a_eigh", a_eigh[1]), ("g_eigh", g_eigh[1])])
+    _checks.scalar("damping", damping, minimum=0.0)
+    if check_finite:
+        _checks.finite(xp, "grad", grad)
+    denominator = g_eigh.values[:, None] * a_eigh.values[None, :] + damping
+    _positive_denominator(xp, denominator, "A⊗G + damping·I")
+    return _diagonal_solve(xp, grad, a_eigh.vectors, g_eigh.vectors, denominator)
+
+
+def sum_eigen_solve(
+    grad: Array, a_eigh: Eigh, g_eigh: Eigh, *, check_finite: bool = True
+) -> Array:
+    r"""``mat((A1⊗G1 + A2⊗G2)⁻¹ vec(grad))`` from generalised eigendecompositions.
+
+    ``a_eigh = generalized_eigh(A2, A1)`` and ``g_eigh = generalized_eigh(G2, G1)``: with
+    ``M_Aᵀ A1 M_A = I``, ``M_Aᵀ A2 M_A = diag(d_A)`` (and likewise for G) the sum is
+    congruent to ``I + diag(d_A)⊗diag(d_G)``, so the solve is
+    ``M_G [(M_Gᵀ grad M_A) ⊘ (1 + d_G d_Aᵀ)] M_Aᵀ``. Reuse the decompositions while the
+    factors are unchanged. Raises :class:`NotPositiveDefiniteError` when the sum is not
+    positive definite.
+    """
+    xp = _backend.namespace(("grad", grad), ("a_eigh", a_eigh[1]), ("g_eigh", g_eigh[1]))
+    _checks.floating(xp, "grad", grad)
+    _checks.ndim_at_least("grad", grad, 2)
+    _check_eigh("a_eigh", a_eigh, int(grad.shape[-1]), "the gradient's d_in")
+    _check_eigh("g_eigh", g_eigh, int(grad.shape[-2]), "the gradient's d_out")
+    _checks.same_dtype([("grad", grad), ("a_eigh", a_eigh[1]), ("g_eigh", g_eigh[1])])
+    if check_finite:
+        _checks.finite(xp, "grad", grad)
+    denominator = 1 + g_eigh.values[:, None] * a_eigh.values[None, :]
+    _positive_denominator(xp, denominator, "A1⊗G1 + A2⊗G2")
+    return _diagonal_solve(xp, grad, a_eigh.vectors, g_eigh.vectors, denominator)
+
+
+def sum_solve(
+    grad: Array,
+    a1: Array,
+    g1: Array,
+    a2: Array,
+    g2: Array,
+    *,
+    check_finite: bool = True,
+) -> Array:
+    r"""Exact solve with a sum of two Kronecker products: ``mat((A1⊗G1 + A2⊗G2)⁻¹ vec(grad))``.
+
+    ``A1`` (``d_in×d_in``) and ``G1`` (``d_out×d_out``) positive definite, ``A2`` and ``G2``
+    positive semidefinite. Solved exactly through the generalised eigenbases (Cholesky of
+    ``A1`` and ``G1``, ``eigh`` of the whitened ``A2`` and ``G2``; see
+    :func:`sum_eigen_solve`) — *not* by the single product of summed factors
+    ``(A1 + A2)⊗(G1 + G2)`` that some implementations use. Cost: ``O(d_in³ + d_out³)``.
+
+    Raises :class:`NotPositiveDefiniteError` naming ``a1``/``g1`` when one is not positive
+    definite, or when the sum is not.
+    """
+    xp = _backend.namespace(("grad", grad), ("a1", a1), ("g1", g1), ("a2", a2), ("g2", g2))
+    _checks.floating(xp, "grad", grad)
+    _checks.ndim_at_least("grad", grad, 2)
+    d_out, d_in = int(grad.shape[-2]), int(grad.shape[-1])
+    for name, matrix, size, what in (
+        ("a1", a1, d_in, "the gradient's d_in"),
+        ("a2", a2, d_in, "the gradient's d_in"),
+        ("g1", g1, d_out, "the gradient's d_out"),
+        ("g2", g2, d_out, "the gradient's d_out"),
+    ):
+        _checks.matching(name, _checks.square(name, matrix), what, size, "size")
+    a_eigh = _generalized_eigh(a2, a1, "a2", "a1", check_finite=check_finite)
+    g_eigh = _generalized_eigh(g2, g1, "g2", "g1", check_finite=check_finite)
+    return sum_eigen_solve(grad, a_eigh, g_eigh, check_finite=check_finite)
