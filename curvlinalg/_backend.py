@@ -43,16 +43,13 @@ def namespace(*named: tuple[str, Any]) -> ModuleType:
     Values that are ``None`` or Python scalars are ignored. Raises ``ValueError`` naming the
     arguments when they come from different array libraries, and when no argument is an array.
     """
-    arrays = [(name, value) for name, value in named if _is_array(value)]
+    arrays = [(name, value) for name, value in named if _is_array(name, value)]
     if not arrays:
         names = ", ".join(name for name, _ in named)
         raise ValueError(f"expected at least one array among ({names}); got none")
     spaces: dict[int, tuple[ModuleType, str]] = {}
     for name, value in arrays:
-        try:
-            xp = array_api_compat.array_namespace(value)
-        except TypeError as exc:  # not an array-API object at all
-            raise ValueError(f"{name}: unsupported array type {type(value).__name__}") from exc
+        xp = array_api_compat.array_namespace(value)
         spaces.setdefault(id(xp), (xp, name))
     if len(spaces) > 1:
         described = ", ".join(f"{name} is {_library(xp)}" for xp, name in spaces.values())
@@ -60,10 +57,13 @@ def namespace(*named: tuple[str, Any]) -> ModuleType:
     return next(iter(spaces.values()))[0]
 
 
-def _is_array(value: Any) -> bool:
-    if value is None or isinstance(value, (bool, int, float, complex)):
+def _is_array(name: str, value: Any) -> bool:
+    """Arrays take part in namespace resolution; ``None`` and Python numbers do not."""
+    if value is None or isinstance(value, (bool, int, float)):
         return False
-    return array_api_compat.is_array_api_obj(value)
+    if array_api_compat.is_array_api_obj(value):
+        return True
+    raise ValueError(f"{name} must be an array; got {type(value).__name__}")
 
 
 def _library(xp: ModuleType) -> str:

@@ -79,9 +79,10 @@ def available_backends(*, gpu: bool = True) -> list[Backend]:
     CuPy is included only when a CUDA device is present (and ``gpu`` is true); PyTorch
     tensors are on the CPU. JAX float64 needs ``jax.config.update("jax_enable_x64", True)``.
     """
-    import array_api_compat
+    import importlib
 
-    found = [Backend("numpy", array_api_compat.numpy, _checked(np.asarray, "numpy"), np.asarray)]
+    compat_numpy = importlib.import_module("array_api_compat.numpy")
+    found = [Backend("numpy", compat_numpy, _checked(np.asarray, "numpy"), np.asarray)]
     if _installed("array_api_strict"):
         import array_api_strict
 
@@ -99,7 +100,7 @@ def available_backends(*, gpu: bool = True) -> list[Backend]:
         found.append(
             Backend(
                 "torch",
-                array_api_compat.torch,
+                importlib.import_module("array_api_compat.torch"),
                 _checked(torch.asarray, "torch"),
                 lambda x: x.detach().cpu().numpy().copy(),
             )
@@ -122,7 +123,7 @@ def available_backends(*, gpu: bool = True) -> list[Backend]:
             found.append(
                 Backend(
                     "cupy",
-                    array_api_compat.cupy,
+                    importlib.import_module("array_api_compat.cupy"),
                     _checked(cupy.asarray, "cupy"),
                     lambda x: cupy.asnumpy(x),
                 )
