@@ -37,8 +37,10 @@ def kfac_solve(rng: np.random.Generator) -> None:
     grad = rng.standard_normal((d_out, d_in))
     step = kron.eigen_solve(grad, kron.eigh(a), kron.eigh(g), damping)
     dense = np.linalg.solve(np.kron(a, g) + damping * np.eye(d_in * d_out), vec(grad))
-    print(f"   eigenbasis vs dense {d_in * d_out}×{d_in * d_out} solve: "
-          f"max |difference| = {np.abs(vec(step) - dense).max():.1e}")
+    print(
+        f"   eigenbasis vs dense {d_in * d_out}×{d_in * d_out} solve: "
+        f"max |difference| = {np.abs(vec(step) - dense).max():.1e}"
+    )
 
     width, batch = 1000, 100
     inputs = rng.standard_normal((batch, width)).astype(np.float32)
@@ -65,8 +67,10 @@ def kfac_solve(rng: np.random.Generator) -> None:
     for name, (seconds, _) in timings.items():
         print(f"   {name:<40} {seconds * 1e3:7.1f} ms")
     relative = np.linalg.norm(dense_result - factored_result) / np.linalg.norm(dense_result)
-    print(f"   same step (relative difference {relative:.1e}), "
-          f"{dense_time / factored_time:.1f}× faster at width {width}, batch {batch}\n")
+    print(
+        f"   same step (relative difference {relative:.1e}), "
+        f"{dense_time / factored_time:.1f}× faster at width {width}, batch {batch}\n"
+    )
 
 
 def sum_solve(rng: np.random.Generator) -> None:
@@ -79,10 +83,14 @@ def sum_solve(rng: np.random.Generator) -> None:
     exact = vec(kron.sum_solve(grad, a1, g1, a2, g2))
     approximate = vec(kron.precondition(grad, np.linalg.inv(a1 + a2), np.linalg.inv(g1 + g2)))
     scale = np.linalg.norm(dense)
-    print(f"   exact generalised-eigenbasis solve: relative error "
-          f"{np.linalg.norm(exact - dense) / scale:.1e}")
-    print(f"   single product (A1+A2)⊗(G1+G2):     relative error "
-          f"{np.linalg.norm(approximate - dense) / scale:.1e}\n")
+    print(
+        f"   exact generalised-eigenbasis solve: relative error "
+        f"{np.linalg.norm(exact - dense) / scale:.1e}"
+    )
+    print(
+        f"   single product (A1+A2)⊗(G1+G2):     relative error "
+        f"{np.linalg.norm(approximate - dense) / scale:.1e}\n"
+    )
 
 
 def foof_regression(rng: np.random.Generator) -> None:

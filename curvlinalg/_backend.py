@@ -85,6 +85,19 @@ def is_traced(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def scalar_like(xp: ModuleType, value: Any, like: Array) -> Any:
+    """A scalar parameter (damping, decay, ρ, λ, τ) ready to combine with ``like``.
+
+    Python numbers are weakly typed and stay as they are. NumPy scalars and 0-d arrays are cast
+    to ``like``'s dtype and device: left alone, a ``np.float64`` or a float64 0-d array would
+    promote a float32 computation to float64 (NumPy 2, JAX) or fail to combine
+    (array-api-strict).
+    """
+    if type(value) in (int, float):
+        return value
+    return xp.asarray(value, dtype=like.dtype, device=device(like))
+
+
 def eye_like(xp: ModuleType, n: int, like: Array) -> Array:
     """``n×n`` identity with the dtype and device of ``like``."""
     return xp.eye(n, dtype=like.dtype, device=device(like))

@@ -9,8 +9,9 @@ in ``jax.experimental.checkify`` to turn it into an error).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any
 
 from ._backend import is_traced
 

@@ -117,9 +117,10 @@ def ema(average: Array | None, new: Array, decay: float | Array) -> Array:
     """
     _checks.scalar("decay", decay, minimum=0.0, maximum=1.0)
     if average is None:
-        _backend.namespace(("new", new))
+        xp = _backend.namespace(("new", new), ("decay", decay))
+        _checks.floating(xp, "new", new)
         return new
-    xp = _backend.namespace(("average", average), ("new", new))
+    xp = _backend.namespace(("average", average), ("new", new), ("decay", decay))
     _checks.floating(xp, "new", new)
     _checks.same_dtype([("average", average), ("new", new)])
     if tuple(average.shape) != tuple(new.shape):
@@ -127,6 +128,7 @@ def ema(average: Array | None, new: Array, decay: float | Array) -> Array:
             f"shape mismatch: average has shape {tuple(average.shape)} "
             f"but new has shape {tuple(new.shape)}"
         )
+    decay = _backend.scalar_like(xp, decay, new)
     return decay * average + (1 - decay) * new
 
 
@@ -141,15 +143,23 @@ def debiased_ema(
     This is Benzing's factor average; :func:`ema` is Puiu's (first estimate taken as is).
     """
     _checks.scalar("decay", decay, minimum=0.0, maximum=1.0)
-    xp = _backend.namespace(("new", new))
-    _checks.floating(xp, "new", new)
     if state is None:
+        xp = _backend.namespace(("new", new), ("decay", decay))
+        _checks.floating(xp, "new", new)
+        if not _backend.is_traced(decay) and float(decay) >= 1:
+            # weight = 1 − decay = 0 would make the average 0/0.
+            raise ValueError(f"decay must be < 1 for the first update; got {float(decay)}")
+        decay = _backend.scalar_like(xp, decay, new)
         return DebiasedAverage(total=(1 - decay) * new, weight=1 - decay)
+    xp = _backend.namespace(("state.total", state.total), ("new", new), ("decay", decay))
+    _checks.floating(xp, "new", new)
+    _checks.same_dtype([("state.total", state.total), ("new", new)])
     if tuple(state.total.shape) != tuple(new.shape):
         raise ValueError(
             f"shape mismatch: state.total has shape {tuple(state.total.shape)} "
             f"but new has shape {tuple(new.shape)}"
         )
+    decay = _backend.scalar_like(xp, decay, new)
     return DebiasedAverage(
         total=decay * state.total + (1 - decay) * new,
         weight=decay * state.weight + (1 - decay),
@@ -183,6 +193,9 @@ def split_damping(a: Array, g: Array, damping: float | Array) -> tuple[Array, Ar
     _checks.scalar("damping", damping, minimum=0.0)
     mean_a = xp.sum(xp.linalg.diagonal(a)) / dim_a
     mean_g = xp.sum(xp.linalg.diagonal(g)) / dim_g
+    # Only the diagonals enter; a NaN there would otherwise fall back to the even split.
+    _checks.finite(xp, "a", mean_a)
+    _checks.finite(xp, "g", mean_g)
     valid = (mean_a > 0) & (mean_g > 0)
     one = xp.ones_like(mean_a)
     ratio = xp.where(valid, mean_a / xp.where(valid, mean_g, one), one)
@@ -211,7 +224,9 @@ def inverse(m: Array, damping: float | Array = 0.0, *, check_finite: bool = True
     _checks.scalar("damping", damping, minimum=0.0)
     if check_finite:
         _checks.finite(xp, "m", m)
-    damped = _symmetric(xp, m) + damping * _backend.eye_like(xp, size, m)
+    damped = _symmetric(xp, m) + _backend.scalar_like(xp, damping, m) * _backend.eye_like(
+        xp, size, m
+    )
     lower = _cholesky(xp, damped, "m + damping·I")
     return _symmetric(xp, _backend.cholesky_inverse(xp, lower))
 
@@ -378,9 +393,7 @@ def generalized_eigh(m: Array, b: Array, *, check_finite: bool = True) -> Eigh:
     return _generalized_eigh(m, b, "m", "b", check_finite=check_finite)
 
 
-def _generalized_eigh(
-    m: Array, b: Array, m_name: str, b_name: str, *, check_finite: bool
-) -> Eigh:
+def _generalized_eigh(m: Array, b: Array, m_name: str, b_name: str, *, check_finite: bool) -> Eigh:
     xp = _backend.namespace((m_name, m), (b_name, b))
     _checks.linalg_dtype(xp, m_name, m)
     _checks.same_dtype([(m_name, m), (b_name, b)])
@@ -448,14 +461,14 @@ def eigen_solve(
     _checks.scalar("damping", damping, minimum=0.0)
     if check_finite:
         _checks.finite(xp, "grad", grad)
-    denominator = g_eigh.values[:, None] * a_eigh.values[None, :] + damping
+    denominator = g_eigh.values[:, None] * a_eigh.values[None, :] + _backend.scalar_like(
+        xp, damping, grad
+    )
     _positive_denominator(xp, denominator, "A⊗G + damping·I")
     return _diagonal_solve(xp, grad, a_eigh.vectors, g_eigh.vectors, denominator)
 
 
-def sum_eigen_solve(
-    grad: Array, a_eigh: Eigh, g_eigh: Eigh, *, check_finite: bool = True
-) -> Array:
+def sum_eigen_solve(grad: Array, a_eigh: Eigh, g_eigh: Eigh, *, check_finite: bool = True) -> Array:
     r"""``mat((A1⊗G1 + A2⊗G2)⁻¹ vec(grad))`` from generalised eigendecompositions.
 
     ``a_eigh = generalized_eigh(A2, A1)`` and ``g_eigh = generalized_eigh(G2, G1)``: with

@@ -17,10 +17,13 @@ from typing import Any
 __all__ = ["refresh_due", "accumulate_due"]
 
 
-def _check(period: int, window: int | None = None) -> None:
+_NO_WINDOW: Any = object()
+
+
+def _check(period: int, window: int | None = _NO_WINDOW) -> None:
     if isinstance(period, bool) or not isinstance(period, int) or period < 1:
         raise ValueError(f"period must be a positive integer; got {period!r}")
-    if window is not None:
+    if window is not _NO_WINDOW:  # accumulate_due's window=None is invalid, not absent
         if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= period:
             raise ValueError(f"window must be an integer in [1, period={period}]; got {window!r}")
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 from hypothesis import strategies as st
@@ -36,7 +37,6 @@ __all__ = [
     "psd_matrices",
     "captures",
 ]
-
 
 
 class Backend(NamedTuple):

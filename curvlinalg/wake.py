@@ -19,7 +19,8 @@ returns the same kind of container.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from . import _backend, _checks, kron
 
@@ -83,8 +84,8 @@ def average(previous: Any, new: Any, rho: float | Array) -> Any:
     The κ convention ``F̄_0 = F_0`` makes ``F̄_k = Σ_i κ(i) ρ^{k−i} F_i`` (:func:`weights`).
     ``new`` and ``previous``: arrays or per-layer sequences (e.g. of Kronecker factors).
     """
+    _checks.scalar("rho", rho, minimum=0.0, maximum=1.0)
     if previous is None:
-        _checks.scalar("rho", rho, minimum=0.0, maximum=1.0)
         return new
     return _per_layer(lambda p, n: kron.ema(p, n, rho), previous, new)
 
@@ -116,10 +117,12 @@ def so_gradient(
         return g
 
     def one(current: Array, previous: Array) -> Array:
-        xp = _backend.namespace(("g", current), ("g_prev", previous))
+        xp = _backend.namespace(
+            ("g", current), ("g_prev", previous), ("rho", rho), ("lam", lam), ("lam_prev", lam_prev)
+        )
         _validated("g", xp, current, current)
         _validated("g_prev", xp, current, previous)
-        return current - coefficient * previous
+        return current - _backend.scalar_like(xp, coefficient, current) * previous
 
     return _per_layer(one, g, g_prev)
 
@@ -150,11 +153,17 @@ def q_gradient(
 
     def one(current: Array, ghat: Array, previous: Array, m_ghat: Array) -> Array:
         xp = _backend.namespace(
-            ("g", current), ("ghat_prev", ghat), ("g_prev", previous), ("m_ghat_prev", m_ghat)
+            ("g", current),
+            ("ghat_prev", ghat),
+            ("g_prev", previous),
+            ("m_ghat_prev", m_ghat),
+            ("rho", rho),
+            ("lam", lam),
+            ("lam_prev", lam_prev),
         )
         for name, value in (("ghat_prev", ghat), ("g_prev", previous), ("m_ghat_prev", m_ghat)):
             _validated(name, xp, current, value)
-        return current + coefficient * (ghat - previous - m_ghat)
+        return current + _backend.scalar_like(xp, coefficient, current) * (ghat - previous - m_ghat)
 
     return _per_layer(one, g, ghat_prev, g_prev, m_ghat_prev)
 
@@ -195,12 +204,17 @@ def kron_q_step(
     """
     _checks.scalar("lam", lam, minimum=0.0, strict=True)
     xp = _backend.namespace(
-        ("ghat", ghat), ("fbar_a", fbar_a), ("fbar_g", fbar_g), ("b_a", b_a), ("b_g", b_g)
+        ("ghat", ghat),
+        ("fbar_a", fbar_a),
+        ("fbar_g", fbar_g),
+        ("b_a", b_a),
+        ("b_g", b_g),
+        ("lam", lam),
     )
+    _checks.floating(xp, "ghat", ghat)
+    lam = _backend.scalar_like(xp, lam, ghat)
     if solver == "exact":
-        direction = kron.sum_solve(
-            ghat, fbar_a, fbar_g, b_a / lam, b_g, check_finite=check_finite
-        )
+        direction = kron.sum_solve(ghat, fbar_a, fbar_g, b_a / lam, b_g, check_finite=check_finite)
     elif solver == "summed_factors":
         _checks.same_dtype([("fbar_a", fbar_a), ("b_a", b_a), ("fbar_g", fbar_g), ("b_g", b_g)])
         direction = kron.precondition(
@@ -212,5 +226,4 @@ def kron_q_step(
     else:
         raise ValueError(f"solver must be 'exact' or 'summed_factors'; got {solver!r}")
     m_ghat = fbar_g @ direction @ fbar_a
-    del xp
     return QStep(step=-direction / lam, m_ghat=m_ghat)

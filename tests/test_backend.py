@@ -67,7 +67,11 @@ def test_solve_triangular_matches_scipy(
     rhs = np.random.default_rng(seed).standard_normal((m.shape[0], columns))
     expected = scipy.linalg.solve_triangular(triangle, rhs, lower=lower, trans=int(transpose))
     result = _backend.solve_triangular(
-        backend.xp, backend.asarray(triangle), backend.asarray(rhs), lower=lower, transpose=transpose
+        backend.xp,
+        backend.asarray(triangle),
+        backend.asarray(rhs),
+        lower=lower,
+        transpose=transpose,
     )
     # κ(L) = sqrt(κ(m)) ≤ 7.1
     assert_close(backend.to_numpy(result), expected, np.float64, condition=8.0)
