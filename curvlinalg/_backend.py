@@ -98,6 +98,28 @@ def scalar_like(xp: ModuleType, value: Any, like: Array) -> Any:
     return xp.asarray(value, dtype=like.dtype, device=device(like))
 
 
+def all_finite(xp: ModuleType, x: Array) -> bool:
+    """Whether ``x`` has no NaN or infinity; ``True`` when that cannot be known (under
+    ``jax.jit``).
+
+    torch's CPU ``isfinite`` is composite (four kernels and three temporaries; 1.26 ms per
+    10⁶ floats against 0.10 ms for a sum, bench/README.md finding 2), and each eager JAX
+    check is a device→host sync on a full-size temporary. There one pass of ``sum`` decides:
+    a NaN or ±inf anywhere makes the sum non-finite; only then does the elementwise test
+    run, to tell a real NaN/inf from the overflow of large finite values. NumPy's own
+    ``isfinite`` is already the cheaper pass and its reductions warn on overflow.
+    """
+    if array_api_compat.is_torch_namespace(xp) or array_api_compat.is_jax_namespace(xp):
+        summed = xp.isfinite(xp.sum(x))
+        if is_traced(summed):
+            # A concrete array closed over by a jitted function still yields traced results;
+            # its values cannot be inspected there either.
+            return True
+        if bool(summed):
+            return True
+    return bool(xp.all(xp.isfinite(x)))
+
+
 def eye_like(xp: ModuleType, n: int, like: Array) -> Array:
     """``n×n`` identity with the dtype and device of ``like``."""
     return xp.eye(n, dtype=like.dtype, device=device(like))
@@ -118,6 +140,17 @@ def cholesky(xp: ModuleType, m: Array) -> tuple[Array, bool | None]:
     if array_api_compat.is_numpy_namespace(xp):
         import numpy as np
 
+        if m.ndim == 2:
+            import scipy.linalg
+
+            # SciPy's LAPACK, like the triangular solves and eigensolvers that follow a
+            # Cholesky here: NumPy and SciPy bundle separate OpenBLAS builds whose idle
+            # workers spin, and alternating between them halves the speed of a
+            # factorisation pipeline on few cores (bench/README.md, finding 4).
+            try:
+                return scipy.linalg.cholesky(m, lower=True, check_finite=False), True
+            except np.linalg.LinAlgError:
+                return m, False
         try:
             factor = np.linalg.cholesky(m)
         except np.linalg.LinAlgError:

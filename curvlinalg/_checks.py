@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from ._backend import is_traced
+from ._backend import all_finite, is_traced
 
 Array = Any
 
@@ -72,7 +72,7 @@ def finite(xp: ModuleType, name: str, x: Array) -> None:
     """``x`` has no NaN or infinity (skipped for traced values)."""
     if is_traced(x):
         return
-    if not bool(xp.all(xp.isfinite(x))):
+    if not all_finite(xp, x):
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
