@@ -1544,10 +1544,10 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         gc.freeze()
         for part, run in (
-            ("mlp", lambda: bench_mlp(bk, problem, args)),
-            ("cnn", lambda: bench_cnn(bk, args)),
-            ("laplace", lambda: bench_laplace(bk, problem, args)),
-            ("kron", lambda: bench_kron_sample(bk, args)),
+            ("mlp", lambda bk=bk: bench_mlp(bk, problem, args)),
+            ("cnn", lambda bk=bk: bench_cnn(bk, args)),
+            ("laplace", lambda bk=bk: bench_laplace(bk, problem, args)),
+            ("kron", lambda bk=bk: bench_kron_sample(bk, args)),
         ):
             if part in args.skip:
                 continue

@@ -85,6 +85,15 @@ def is_traced(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def default_integer(xp: ModuleType, like: Array) -> Any:
+    """The namespace's default integer dtype on ``like``'s device: int64, except int32 on JAX
+    without ``jax_enable_x64`` (asking JAX for int64 there only warns and truncates)."""
+    info = getattr(xp, "__array_namespace_info__", None)
+    if info is None:
+        return xp.int64
+    return info().default_dtypes(device=device(like))["integral"]
+
+
 def scalar_like(xp: ModuleType, value: Any, like: Array) -> Any:
     """A scalar parameter (damping, decay, ρ, λ, τ) ready to combine with ``like``.
 

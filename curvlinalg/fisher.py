@@ -47,8 +47,8 @@ def sample_labels(logits: Array, uniform: Array) -> Array:
     r"""Labels ``ỹ_i ~ Categorical(softmax(z_i))`` by inverse-CDF sampling.
 
     ``uniform``: ``(B,)`` draws from ``U[0, 1)`` made by the caller's RNG (the core owns no
-    RNG). Returns int64 labels ``(B,)``: the first class whose cumulative probability exceeds
-    ``u_i``.
+    RNG). Returns integer labels ``(B,)`` in the namespace's default integer dtype (int64;
+    int32 on JAX without x64): the first class whose cumulative probability exceeds ``u_i``.
     """
     xp = _logits("logits", logits)
     _backend.namespace(("logits", logits), ("uniform", uniform))
@@ -62,7 +62,10 @@ def sample_labels(logits: Array, uniform: Array) -> Array:
         raise ValueError("uniform must hold draws from [0, 1) (no NaN)")
     cumulative = xp.cumulative_sum(softmax(logits), axis=1)
     classes = int(logits.shape[1])
-    below = xp.astype(cumulative <= xp.astype(uniform, cumulative.dtype)[:, None], xp.int64)
+    below = xp.astype(
+        cumulative <= xp.astype(uniform, cumulative.dtype)[:, None],
+        _backend.default_integer(xp, logits),
+    )
     # Rounding can leave the last cumulative sum a hair below 1; clamp to a valid class.
     return xp.clip(xp.sum(below, axis=1), max=classes - 1)
 

@@ -1087,3 +1087,56 @@ def test_solve_with_stored_per_example_gradients_equals_the_capture_contraction(
         for x, y in zip(stored, rows):
             assert_backend_array(x, backend, dtype)
             assert_close(to_np(backend, x), to_np(backend, y), dtype, condition=100.0)
+
+
+@property_test(data=st.data())
+def test_cross_gram_is_gt_h_and_gives_gt_u_of_a_mean_gradient(
+    backend: testing.Backend, dtype: np.dtype, data: st.DataObject
+) -> None:
+    """``cross_gram(F, d) = G_Fᵀ G_d`` (dense reference), ``cross_gram(c, c) = gram(c)``, and
+    ``cross_gram(F, d) @ c = rmatvec(F, matvec(d, c))`` (the projection of a mean gradient)."""
+    captures = draw_captures(data, backend, dtype)
+    other = [
+        (
+            data.draw(testing.arrays((3,) + a.shape[1:])).astype(dtype),
+            data.draw(testing.arrays((3,) + e.shape[1:])).astype(dtype),
+        )
+        for a, e in captures
+    ]
+    g, h = dense_g(captures), dense_g(other)
+    expected = g.T @ h
+    condition = cancellation(
+        dense_g(captures, absolute=True).T @ dense_g(other, absolute=True),
+        expected,
+        terms(captures),
+    )
+    result = woodbury.cross_gram(to_backend(backend, captures), to_backend(backend, other))
+    assert_backend_array(result, backend, dtype)
+    assert_close(to_np(backend, result), expected, dtype, condition)
+    same = woodbury.cross_gram(to_backend(backend, captures), to_backend(backend, captures))
+    assert_close(
+        to_np(backend, same),
+        to_np(backend, woodbury.gram(to_backend(backend, captures))),
+        dtype,
+        condition,
+    )
+    c = np.full(3, 1 / 3, dtype=dtype)
+    via_gradient = woodbury.rmatvec(
+        to_backend(backend, captures),
+        woodbury.matvec(to_backend(backend, other), backend.asarray(c)),
+    )
+    assert_close(
+        to_np(backend, result) @ c.astype(np.float64),
+        to_np(backend, via_gradient),
+        dtype,
+        condition * 4,
+    )
+
+
+def test_cross_gram_rejects_mismatched_layers() -> None:
+    rng = np.random.default_rng(0)
+    caps = [(rng.standard_normal((4, 3)), rng.standard_normal((4, 2)))]
+    with pytest.raises(ValueError, match="shape mismatch: layer 0"):
+        woodbury.cross_gram(caps, [(rng.standard_normal((2, 5)), rng.standard_normal((2, 2)))])
+    with pytest.raises(ValueError, match="same layers"):
+        woodbury.cross_gram(caps, caps + caps)

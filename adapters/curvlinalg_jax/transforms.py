@@ -1,0 +1,744 @@
+r"""Optax transformations: FOOF, K-FAC, the exact subsampled natural gradient, KLD-WRM.
+
+Convention (all four): a transformation is a **preconditioner**. It maps the gradient ``g``
+of each captured layer to a direction ``P⁻¹ g`` with the sign of the gradient and leaves the
+step size to the rest of the chain::
+
+    tx = optax.chain(curvlinalg_jax.foof(damping=1.0), optax.sgd(learning_rate))
+    state = tx.init(params)
+    loss, grads, captures = curvlinalg_jax.capture_linen(model, params, x, y, loss_fn)
+    updates, state = tx.update(grads, state, params, captures=captures)
+    params = optax.apply_updates(params, updates)
+
+``update`` takes the :class:`curvlinalg_jax.Captures` of the batch as the keyword argument
+``captures`` (``optax.chain`` forwards it; transformations that do not know it ignore it).
+A plain dict ``{path: (a, e)}`` is accepted too and then serves as loss and Fisher captures
+(empirical Fisher). Parameters outside captured layers (and any leaf of a layer other than
+``kernel``/``bias``) pass through unchanged, so the chained ``optax.sgd`` applies plain SGD to
+them. Everything before the preconditioner in the chain (``optax.trace`` for heavy-ball
+momentum on the raw gradient, as in Benzing's code; weight decay) acts on the gradient it
+preconditions — except with ``factored_gradient=True``, see :func:`foof`.
+
+Layers are the subtrees of the parameters holding a ``kernel`` (Flax layout) and optionally a
+``bias``; by default all of them, or those named in ``layers``. Their weight matrices
+``(d_out, d_in)`` are mapped explicitly (:func:`curvlinalg_jax.kernel_to_matrix`).
+
+State is a NamedTuple of arrays. Every step runs the same traced code: which steps update the
+factor averages (``curvlinalg.schedule.accumulate_due``: the ``window`` steps ending at each
+refresh) and which refresh the inverses (``curvlinalg.schedule.refresh_due``: every
+``period`` steps, starting with step 0) is decided by ``jax.lax.cond`` on the step counter,
+so one ``jax.jit`` of ``update`` serves every step. A refresh at step ``k`` happens *before*
+step ``k``'s preconditioning and includes step ``k``'s batch. Factor averages follow
+``avg ← ρ·avg + (1−ρ)·new`` with the first estimate taken as is (``curvlinalg.kron.ema``).
+
+Distributed data parallelism: with ``axis_name`` (inside ``shard_map``/``pmap`` over that
+axis, equal per-device batches) the incoming gradient is averaged with ``jax.lax.pmean``,
+Kronecker factors with ``pmean`` and, for the natural gradient, the Fisher captures are
+gathered with ``jax.lax.all_gather`` so that the Gram is that of the whole batch. ``N``
+devices with ``B`` examples each then compute what one device computes on all ``N·B``.
+
+All formulas are ``curvlinalg``'s, called on JAX arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from curvlinalg import kron, schedule, wake, woodbury
+
+from . import layout
+from .capture import Captures, validated_captures
+
+Array = Any
+
+__all__ = [
+    "FoofState",
+    "KfacState",
+    "NaturalGradientState",
+    "KldwrmState",
+    "foof",
+    "kfac",
+    "natural_gradient",
+    "kldwrm",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------
+
+
+def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a real number; got {value!r}") from exc
+    if not (number >= 0 if allow_zero else number > 0) or number != number:
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
+    return number
+
+
+def _check_decay(name: str, value: Any) -> float:
+    number = _check_positive(name, value, allow_zero=True)
+    if number > 1:
+        raise ValueError(f"{name} must lie in [0, 1]; got {value!r}")
+    return number
+
+
+def _check_schedule(period: int, window: int | None) -> int:
+    window = period if window is None else window
+    # The core validates both (positive integer period, 1 ≤ window ≤ period).
+    schedule.accumulate_due(0, period, window)
+    return window
+
+
+def _check_axis_name(axis_name: Any) -> None:
+    if axis_name is not None and not isinstance(axis_name, (str, tuple)):
+        raise ValueError(f"axis_name must be a str (or tuple of str) or None; got {axis_name!r}")
+
+
+def _pmean(tree: Any, axis_name: Any) -> Any:
+    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+def _gather(tree: Any, axis_name: Any) -> Any:
+    """Concatenate the devices' arrays along axis 0 (the same result on every device)."""
+    if axis_name is None:
+        return tree
+
+    def gather(x: Array) -> Array:
+        try:
+            # Typed as device-invariant under shard_map's check_vma, so that the gathered
+            # Fisher may be kept in a replicated state.
+            return jax.lax.all_gather(x, axis_name, tiled=True, to="invarying")
+        except (TypeError, ValueError):  # JAX versions without the ``to`` argument
+            return jax.lax.all_gather(x, axis_name, tiled=True)
+
+    return jax.tree_util.tree_map(gather, tree)
+
+
+def _devices(axis_name: Any) -> int:
+    return 1 if axis_name is None else int(jax.lax.axis_size(axis_name))
+
+
+def _first_average(count: Array, decay: float, dtype: Any) -> Array:
+    """The decay to use now: 0 at step 0 (first estimate taken as is), else ``decay``."""
+    return jnp.where(count == 0, jnp.zeros([], dtype), jnp.asarray(decay, dtype))
+
+
+def _input_factor(a: Array, axis_name: Any) -> Array:
+    """``A = aᵀa / N`` of the whole batch (over devices too)."""
+    return _pmean(kron.factor(a, check_finite=False), axis_name)
+
+
+def _output_factor(e: Array, batch: int, axis_name: Any) -> Array:
+    """``G`` of the Fisher rows: ``kron.factor`` averages over the ``rows`` of ``e``; the
+    exact Fisher has ``C`` rows per example and the same ``1/B`` scale as the others, so the
+    mean over rows is rescaled by ``rows / B`` (1 for the empirical and MC Fisher)."""
+    rows = int(e.shape[0])
+    factor = kron.factor(e, check_finite=False)
+    if rows != batch:
+        factor = factor * (rows / batch)
+    return _pmean(factor, axis_name)
+
+
+def _zeros_like_info(info: layout.LayerInfo, size: int) -> Array:
+    return jnp.zeros((size, size), info.dtype)
+
+
+def _keep(value: Any) -> Any:
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# FOOF
+# --------------------------------------------------------------------------------------
+
+
+class FoofState(NamedTuple):
+    """State of :func:`foof`.
+
+    ``count``: steps taken (int32). ``a_factors[path]``: the average of ``A = aᵀa / N``,
+    ``(d_in, d_in)``. ``a_inverses[path]``: ``(A + λI)⁻¹`` from the last refresh.
+    """
+
+    count: Array
+    a_factors: dict[str, Array]
+    a_inverses: dict[str, Array]
+
+
+def foof(
+    damping: float,
+    *,
+    decay: float = 0.95,
+    period: int = 1,
+    window: int | None = None,
+    factored_gradient: bool = False,
+    layers: Sequence[str] | None = None,
+    axis_name: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""FOOF, gradient descent on neurons (Benzing 2022): ``∇W ↦ ∇W (A + λI)⁻¹`` per layer.
+
+    ``A`` is the average (decay ``decay``) of the layer's input factor ``aᵀa / N`` (mean over
+    examples and positions, a ones column for a bias) and ``λ = damping``; the preconditioner
+    ``(A + λI)⁻¹ ⊗ I`` depends on the inputs only (``curvlinalg.kron.inverse`` and
+    ``kron.precondition``). For large ``λ`` the direction tends to ``∇W/λ``: think of
+    ``learning_rate/λ`` as SGD's learning rate. Benzing's sum-over-batch factors at
+    ``(lr, λ)`` are these mean factors at ``(lr/B, λ/B)``.
+
+    ``period``/``window``: refresh the inverse every ``period`` steps, averaging the factors
+    over the ``window`` steps that end at each refresh (default: every step).
+
+    ``factored_gradient=True`` computes the direction from ``captures.loss`` instead of the
+    incoming ``updates``, as ``(1/B) Σ_{i,t} e_itᵀ (a_it (A + λI)⁻¹)``
+    (``kron.precondition_factored``, cheaper when ``B·T`` is below the layer's width). It is
+    the same only when the incoming updates of captured layers are the plain mean gradient of
+    that loss — put the transformation first in the chain; what came before it is ignored
+    for those layers.
+
+    ``update(updates, state, params=None, *, captures)``; returns a gradient-signed
+    direction, to chain with ``optax.sgd(learning_rate)``.
+    """
+    damping = _check_positive("damping", damping)
+    decay = _check_decay("decay", decay)
+    window = _check_schedule(period, window)
+    _check_axis_name(axis_name)
+
+    def init(params: Any) -> FoofState:
+        infos = layout.find_layers(params, layers)
+        zeros = {info.path: _zeros_like_info(info, info.d_in) for info in infos}
+        return FoofState(jnp.zeros([], jnp.int32), zeros, dict(zeros))
+
+    def update(
+        updates: Any,
+        state: FoofState,
+        params: Any = None,
+        *,
+        captures: Any = None,
+        **extra_args: Any,
+    ) -> tuple[Any, FoofState]:
+        del params, extra_args
+        infos = layout.find_layers(updates, layers)
+        batch = validated_captures(captures, infos, "foof")
+        updates = _pmean(updates, axis_name)
+        count = state.count
+        accumulate = schedule.accumulate_due(count, period, window)
+        refresh = schedule.refresh_due(count, period)
+        gradients = None if factored_gradient else layout.layer_matrices(updates, infos, "updates")
+        factors, inverses, directions = {}, {}, []
+        for index, info in enumerate(infos):
+            a, e = batch.loss[info.path]
+            rate = _first_average(count, decay, info.dtype)
+
+            def average(old: Array, a: Array = a, rate: Array = rate) -> Array:
+                return kron.ema(old, _input_factor(a, axis_name), rate)
+
+            factor = jax.lax.cond(accumulate, average, _keep, state.a_factors[info.path])
+            inverse = jax.lax.cond(
+                refresh,
+                lambda f: kron.inverse(f, damping, check_finite=False),
+                lambda f, old=state.a_inverses[info.path]: old,
+                factor,
+            )
+            factors[info.path], inverses[info.path] = factor, inverse
+            if factored_gradient:
+                direction = _pmean(
+                    kron.precondition_factored(a, e, inverse, check_finite=False), axis_name
+                )
+            else:
+                direction = kron.precondition(gradients[index], inverse, check_finite=False)
+            directions.append(direction)
+        new_state = FoofState(optax.safe_int32_increment(count), factors, inverses)
+        return layout.replace_layers(updates, infos, directions), new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+# --------------------------------------------------------------------------------------
+# K-FAC
+# --------------------------------------------------------------------------------------
+
+DAMPING_MODES = ("factored", "exact")
+
+
+class KfacState(NamedTuple):
+    """State of :func:`kfac`.
+
+    ``a_factors``/``g_factors``: averages of ``A = aᵀa / N`` and of the Fisher's output factor
+    ``G``. ``a_preconditioners``/``g_preconditioners``: from the last refresh, the damped
+    inverses ``(A + λ_A I)⁻¹``, ``(G + λ_G I)⁻¹`` (``damping_mode="factored"``) or the
+    eigendecompositions :class:`curvlinalg.Eigh` of ``A`` and ``G`` (``"exact"``).
+    """
+
+    count: Array
+    a_factors: dict[str, Array]
+    g_factors: dict[str, Array]
+    a_preconditioners: dict[str, Any]
+    g_preconditioners: dict[str, Any]
+
+
+def kfac(
+    damping: float,
+    *,
+    decay: float = 0.95,
+    period: int = 1,
+    window: int | None = None,
+    damping_mode: str = "factored",
+    factored_gradient: bool = False,
+    layers: Sequence[str] | None = None,
+    axis_name: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""K-FAC (Martens & Grosse 2015): ``∇W ↦ (A⊗G + damping)⁻¹ ∇W`` per layer.
+
+    ``A`` averages the input factor ``aᵀa / N`` (of ``captures.loss``), ``G`` the output
+    factor of ``captures.fisher`` (labels sampled from the model for ``fisher="mc"`` — K-FAC
+    proper —, data labels for ``"empirical"``, every class for ``"exact"``, all on the same
+    ``1/B`` scale). ``damping_mode="factored"``: ``G⁻¹_λ ∇W A⁻¹_λ`` with
+    ``(A + λ_A I)⁻¹``, ``(G + λ_G I)⁻¹`` and ``λ_A·λ_G = λ`` split by the π rule
+    (``kron.split_damping``; Benzing's "heuristic damping"). ``"exact"``: ``mat((A⊗G +
+    λI)⁻¹ vec ∇W)`` in the Kronecker eigenbasis (``kron.eigh``, ``kron.eigen_solve``).
+
+    ``decay``, ``period``, ``window``, ``layers``, ``axis_name`` as in :func:`foof`;
+    ``factored_gradient`` too (``"factored"`` damping only): then
+    ``kron.precondition_factored(a, e, A⁻¹_λ, G⁻¹_λ)`` on ``captures.loss``. Returns a
+    gradient-signed direction; chain with ``optax.sgd(learning_rate)``.
+    """
+    damping = _check_positive("damping", damping)
+    decay = _check_decay("decay", decay)
+    window = _check_schedule(period, window)
+    _check_axis_name(axis_name)
+    if damping_mode not in DAMPING_MODES:
+        raise ValueError(f"damping_mode must be one of {DAMPING_MODES}; got {damping_mode!r}")
+    if factored_gradient and damping_mode != "factored":
+        raise ValueError("factored_gradient=True needs damping_mode='factored'")
+
+    def empty_preconditioner(info: layout.LayerInfo, size: int) -> Any:
+        if damping_mode == "exact":
+            return kron.Eigh(jnp.zeros((size,), info.dtype), _zeros_like_info(info, size))
+        return _zeros_like_info(info, size)
+
+    def init(params: Any) -> KfacState:
+        infos = layout.find_layers(params, layers)
+        return KfacState(
+            jnp.zeros([], jnp.int32),
+            {info.path: _zeros_like_info(info, info.d_in) for info in infos},
+            {info.path: _zeros_like_info(info, info.d_out) for info in infos},
+            {info.path: empty_preconditioner(info, info.d_in) for info in infos},
+            {info.path: empty_preconditioner(info, info.d_out) for info in infos},
+        )
+
+    def refreshed(factors: tuple[Array, Array]) -> tuple[Any, Any]:
+        a_factor, g_factor = factors
+        if damping_mode == "exact":
+            return kron.eigh(a_factor, check_finite=False), kron.eigh(g_factor, check_finite=False)
+        damping_a, damping_g = kron.split_damping(a_factor, g_factor, damping)
+        return (
+            kron.inverse(a_factor, damping_a, check_finite=False),
+            kron.inverse(g_factor, damping_g, check_finite=False),
+        )
+
+    def update(
+        updates: Any,
+        state: KfacState,
+        params: Any = None,
+        *,
+        captures: Any = None,
+        **extra_args: Any,
+    ) -> tuple[Any, KfacState]:
+        del params, extra_args
+        infos = layout.find_layers(updates, layers)
+        batch = validated_captures(captures, infos, "kfac")
+        updates = _pmean(updates, axis_name)
+        count = state.count
+        accumulate = schedule.accumulate_due(count, period, window)
+        refresh = schedule.refresh_due(count, period)
+        gradients = None if factored_gradient else layout.layer_matrices(updates, infos, "updates")
+        a_factors, g_factors, a_pre, g_pre, directions = {}, {}, {}, {}, []
+        for index, info in enumerate(infos):
+            a, e = batch.loss[info.path]
+            e_fisher = batch.fisher[info.path][1]
+            rate = _first_average(count, decay, info.dtype)
+
+            def average(
+                old: tuple[Array, Array], a: Array = a, e_fisher: Array = e_fisher, rate=rate
+            ) -> tuple[Array, Array]:
+                new_a = _input_factor(a, axis_name)
+                new_g = _output_factor(e_fisher, batch.batch_size, axis_name)
+                return kron.ema(old[0], new_a, rate), kron.ema(old[1], new_g, rate)
+
+            factors = jax.lax.cond(
+                accumulate,
+                average,
+                _keep,
+                (state.a_factors[info.path], state.g_factors[info.path]),
+            )
+            old = (state.a_preconditioners[info.path], state.g_preconditioners[info.path])
+            a_solver, g_solver = jax.lax.cond(refresh, refreshed, lambda _, old=old: old, factors)
+            a_factors[info.path], g_factors[info.path] = factors
+            a_pre[info.path], g_pre[info.path] = a_solver, g_solver
+            if factored_gradient:
+                direction = _pmean(
+                    kron.precondition_factored(a, e, a_solver, g_solver, check_finite=False),
+                    axis_name,
+                )
+            elif damping_mode == "exact":
+                direction = kron.eigen_solve(
+                    gradients[index], a_solver, g_solver, damping, check_finite=False
+                )
+            else:
+                direction = kron.precondition(
+                    gradients[index], a_solver, g_solver, check_finite=False
+                )
+            directions.append(direction)
+        new_state = KfacState(optax.safe_int32_increment(count), a_factors, g_factors, a_pre, g_pre)
+        return layout.replace_layers(updates, infos, directions), new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+# --------------------------------------------------------------------------------------
+# Exact subsampled natural gradient (Woodbury)
+# --------------------------------------------------------------------------------------
+
+
+class NaturalGradientState(NamedTuple):
+    """State of :func:`natural_gradient`.
+
+    ``fisher``: the factorised ``λI + (1/B)·G Gᵀ`` (:class:`curvlinalg.Woodbury`, or one per
+    layer when block-diagonal) from the last refresh; ``None`` when ``period == 1`` (it is
+    rebuilt every step and nothing needs keeping).
+    """
+
+    count: Array
+    fisher: Any
+
+
+def natural_gradient(
+    damping: float,
+    *,
+    period: int = 1,
+    block_diagonal: bool = False,
+    fisher_like: Captures | None = None,
+    layers: Sequence[str] | None = None,
+    axis_name: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Exact damped natural gradient with the subsampled Fisher (Benzing 2022, App. E):
+    ``u ↦ (λI + F)⁻¹ u`` with ``F = (1/B)·G Gᵀ`` over all captured layers jointly.
+
+    ``G``'s columns are the per-example gradients of ``captures.fisher`` (MC, empirical or
+    exact Fisher; ``B`` = the number of examples, also when the exact Fisher has ``B·C``
+    rows). Solved through the Woodbury identity with ``B×B`` work
+    (``curvlinalg.woodbury.factorize(captures, λ, scale=1/B)`` and ``woodbury.solve``);
+    ``block_diagonal=True`` uses one Fisher block per layer (``factorize_layers``,
+    ``solve_layers``).
+
+    ``period > 1`` refactorises only every ``period`` steps and keeps the last Fisher in the
+    state (its captures included), which needs their shapes when the state is created:
+    ``fisher_like`` = captures of one step (values unused; with ``axis_name``, captures of the
+    whole batch over all devices). ``u`` is the incoming update: a gradient of an independent
+    batch is the intended use (the solve loses digits in float32 when ``u`` lies in the span
+    of ``G`` and ``‖G‖²/(Bλ)`` is large, see ``woodbury.solve``). Chain with
+    ``optax.sgd(learning_rate)``.
+    """
+    damping = _check_positive("damping", damping)
+    _check_schedule(period, None)
+    _check_axis_name(axis_name)
+    if period > 1 and fisher_like is None:
+        raise ValueError(
+            "natural_gradient with period > 1 keeps the Fisher of the last refresh in its state "
+            "and needs fisher_like (captures of one step, e.g. of the first batch) for its shapes"
+        )
+
+    def factorize(captures_list: list, dtype: Any, batch: int) -> Any:
+        damping_array = jnp.asarray(damping, dtype)
+        scale = jnp.asarray(1.0 / batch, dtype)
+        if block_diagonal:
+            return woodbury.factorize_layers(
+                captures_list, damping_array, scale, check_finite=False
+            )
+        return woodbury.factorize(captures_list, damping_array, scale, check_finite=False)
+
+    def fisher_list(batch: Captures, infos: Sequence[layout.LayerInfo]) -> list:
+        return [tuple(batch.fisher[info.path]) for info in infos]
+
+    def init(params: Any) -> NaturalGradientState:
+        count = jnp.zeros([], jnp.int32)
+        if period == 1:
+            return NaturalGradientState(count, None)
+        infos = layout.find_layers(params, layers)
+        like = validated_captures(fisher_like, infos, "natural_gradient (fisher_like)")
+        shapes = jax.eval_shape(
+            lambda c: factorize(fisher_list(c, infos), infos[0].dtype, c.batch_size), like
+        )
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return NaturalGradientState(count, zeros)
+
+    def update(
+        updates: Any,
+        state: NaturalGradientState,
+        params: Any = None,
+        *,
+        captures: Any = None,
+        **extra_args: Any,
+    ) -> tuple[Any, NaturalGradientState]:
+        del params, extra_args
+        infos = layout.find_layers(updates, layers)
+        batch = validated_captures(captures, infos, "natural_gradient")
+        updates = _pmean(updates, axis_name)
+        whole_batch = batch.batch_size * _devices(axis_name)
+        rows = _gather(fisher_list(batch, infos), axis_name)
+
+        def build() -> Any:
+            return factorize(rows, infos[0].dtype, whole_batch)
+
+        if period == 1:
+            fisher, kept = build(), None
+        else:
+            refresh = schedule.refresh_due(state.count, period)
+            fisher = jax.lax.cond(refresh, build, lambda: state.fisher)
+            kept = fisher
+        gradients = layout.layer_matrices(updates, infos, "updates")
+        if block_diagonal:
+            directions = woodbury.solve_layers(fisher, gradients, check_finite=False)
+        else:
+            directions = woodbury.solve(fisher, gradients, check_finite=False)
+        new_state = NaturalGradientState(optax.safe_int32_increment(state.count), kept)
+        return layout.replace_layers(updates, infos, directions), new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+# --------------------------------------------------------------------------------------
+# KLD-WRM (Puiu 2022)
+# --------------------------------------------------------------------------------------
+
+KLDWRM_VARIANTS = ("so", "q")
+
+
+class KldwrmState(NamedTuple):
+    """State of :func:`kldwrm`, per layer (dicts keyed by path) unless said otherwise.
+
+    ``fbar_a``/``fbar_g``: the wake averages ``F̄ = Ā⊗Ḡ`` of the Fisher factors.
+    ``local_a``/``local_g``: the factors of the last accumulated batch (``B_k``, Q only).
+    ``solver_a``/``solver_g``: from the last refresh — SO: :class:`curvlinalg.Eigh` of
+    ``Ā``, ``Ḡ``; Q: the π-damped factors ``Ā + λ_A I``, ``Ḡ + λ_G I``.
+    ``b_a``/``b_g``: Q: ``B``'s factors at the last refresh. ``g_prev``, ``ghat_prev``,
+    ``m_ghat_prev``: ``g_{k−1}``, ``ĝ_{k−1}``, ``M̂_{k−1}ĝ_{k−1}`` (zeros before the first
+    step, which makes the first step plain). ``lam_prev``: ``λ_{k−1}`` (scalar).
+    """
+
+    count: Array
+    fbar_a: dict[str, Array]
+    fbar_g: dict[str, Array]
+    local_a: dict[str, Array]
+    local_g: dict[str, Array]
+    solver_a: dict[str, Any]
+    solver_g: dict[str, Any]
+    b_a: dict[str, Array]
+    b_g: dict[str, Array]
+    g_prev: dict[str, Array]
+    ghat_prev: dict[str, Array]
+    m_ghat_prev: dict[str, Array]
+    lam_prev: Array
+
+
+def kldwrm(
+    learning_rate: float | Callable[[Array], Array],
+    damping: float,
+    *,
+    decay: float = 0.5,
+    variant: str = "so",
+    period: int = 1,
+    window: int | None = None,
+    q_solver: str = "exact",
+    layers: Sequence[str] | None = None,
+    axis_name: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""SO- and Q-KLD-WRM (Puiu 2022) with Kronecker-factored Fisher blocks.
+
+    ``λ_k = 1 / learning_rate(k)`` (a float or an optax schedule of the step count) enters the
+    recursions, so the transformation needs it; it returns ``−λ_k·s_k``, so that chaining
+    ``optax.sgd(learning_rate)`` **with the same learning rate** takes Puiu's step
+    ``θ_{k+1} = θ_k + s_k``:
+
+    * ``variant="so"`` (Prop. 4.1): ``s_k = −λ_k⁻¹ (F̄_k + μI)⁻¹ (g_k − ρ(λ_k/λ_{k−1}) g_{k−1})``
+      (``wake.so_gradient``; ``(Ā⊗Ḡ + μI)⁻¹`` exactly in the eigenbasis, ``kron.eigen_solve``,
+      as Puiu's code);
+    * ``variant="q"`` (Prop. 4.2): ``s_k = −λ_k⁻¹ (F̄_k + B_k/λ_k)⁻¹ ĝ_k`` with the ``ĝ``
+      recursion (``wake.q_gradient``) and the sum of Kronecker products solved exactly
+      (``wake.kron_q_step``, ``q_solver="summed_factors"`` for Puiu's approximation). ``F̄``
+      is damped through its factors, ``(Ā + λ_A I)⊗(Ḡ + λ_G I)`` with ``λ_A·λ_G = μ``
+      (π rule), because the solve needs a Kronecker product; ``B_k = A_k⊗G_k`` are the factors
+      of the latest batch.
+
+    ``F̄ = Ā⊗Ḡ`` are wake averages ``F̄_k = ρF̄_{k−1} + (1−ρ)F_k`` (``wake.average``, ``ρ =
+    decay``, the same ρ as in the recursions) of ``captures.loss`` inputs and
+    ``captures.fisher`` output factors; ``μ = damping``. ``period``/``window`` amortise as in
+    :func:`foof` (``F̄``, ``B`` and their decompositions are refreshed every ``period`` steps;
+    the Q solve itself runs every step, as ``λ`` may change). QE-KLD-WRM is not provided.
+    """
+    if not callable(learning_rate):
+        _check_positive("learning_rate", learning_rate)
+    damping = _check_positive("damping", damping)
+    decay = _check_decay("decay", decay)
+    window = _check_schedule(period, window)
+    _check_axis_name(axis_name)
+    if variant not in KLDWRM_VARIANTS:
+        raise ValueError(
+            f"variant must be one of {KLDWRM_VARIANTS} (QE-KLD-WRM is not provided); "
+            f"got {variant!r}"
+        )
+    if q_solver not in ("exact", "summed_factors"):
+        raise ValueError(f"q_solver must be 'exact' or 'summed_factors'; got {q_solver!r}")
+
+    def rate_at(count: Array, dtype: Any) -> Array:
+        value = learning_rate(count) if callable(learning_rate) else learning_rate
+        return jnp.asarray(value, dtype)
+
+    def init(params: Any) -> KldwrmState:
+        infos = layout.find_layers(params, layers)
+
+        def square(which: str) -> dict[str, Array]:
+            return {
+                info.path: _zeros_like_info(info, info.d_in if which == "a" else info.d_out)
+                for info in infos
+            }
+
+        def solver(which: str) -> dict[str, Any]:
+            if variant == "q":
+                return square(which)
+            return {
+                path: kron.Eigh(jnp.zeros(m.shape[:1], m.dtype), m)
+                for path, m in square(which).items()
+            }
+
+        matrices = {info.path: jnp.zeros((info.d_out, info.d_in), info.dtype) for info in infos}
+        q = variant == "q"  # the fields only Q-KLD-WRM uses stay empty for SO
+        return KldwrmState(
+            count=jnp.zeros([], jnp.int32),
+            fbar_a=square("a"),
+            fbar_g=square("g"),
+            local_a=square("a") if q else {},
+            local_g=square("g") if q else {},
+            solver_a=solver("a"),
+            solver_g=solver("g"),
+            b_a=square("a") if q else {},
+            b_g=square("g") if q else {},
+            g_prev=dict(matrices),
+            ghat_prev=dict(matrices) if q else {},
+            m_ghat_prev=dict(matrices) if q else {},
+            lam_prev=jnp.ones([], infos[0].dtype),
+        )
+
+    def update(
+        updates: Any,
+        state: KldwrmState,
+        params: Any = None,
+        *,
+        captures: Any = None,
+        **extra_args: Any,
+    ) -> tuple[Any, KldwrmState]:
+        del params, extra_args
+        infos = layout.find_layers(updates, layers)
+        batch = validated_captures(captures, infos, "kldwrm")
+        updates = _pmean(updates, axis_name)
+        count = state.count
+        accumulate = schedule.accumulate_due(count, period, window)
+        refresh = schedule.refresh_due(count, period)
+        dtype = infos[0].dtype
+        lam = 1 / rate_at(count, dtype)
+        # At step 0 the previous gradients are zero, so λ_{−1} only needs to be positive.
+        lam_prev = jnp.where(count == 0, lam, state.lam_prev.astype(dtype))
+        gradients = layout.layer_matrices(updates, infos, "updates")
+        new = {name: {} for name in KldwrmState._fields if name not in ("count", "lam_prev")}
+        directions = []
+        for index, info in enumerate(infos):
+            path = info.path
+            a = batch.loss[path][0]
+            e_fisher = batch.fisher[path][1]
+            rho_now = _first_average(count, decay, info.dtype)
+
+            def average(old: tuple, a: Array = a, e_fisher: Array = e_fisher, rho=rho_now):
+                local = (
+                    _input_factor(a, axis_name),
+                    _output_factor(e_fisher, batch.batch_size, axis_name),
+                )
+                return wake.average(list(old[:2]), list(local), rho) + list(local)
+
+            if variant == "q":
+                kept = (state.fbar_a[path], state.fbar_g[path])
+                kept += (state.local_a[path], state.local_g[path])
+            else:
+                # SO keeps no local factors; carry placeholders of the right shapes.
+                kept = (state.fbar_a[path], state.fbar_g[path])
+                kept += (state.fbar_a[path], state.fbar_g[path])
+            fbar_a, fbar_g, local_a, local_g = jax.lax.cond(
+                accumulate, lambda old, f=average: tuple(f(old)), _keep, kept
+            )
+            new["fbar_a"][path], new["fbar_g"][path] = fbar_a, fbar_g
+            gradient = gradients[index]
+            if variant == "so":
+
+                def decompose(factors: tuple[Array, Array]) -> tuple[Any, Any]:
+                    return (
+                        kron.eigh(factors[0], check_finite=False),
+                        kron.eigh(factors[1], check_finite=False),
+                    )
+
+                old = (state.solver_a[path], state.solver_g[path])
+                solver_a, solver_g = jax.lax.cond(
+                    refresh, decompose, lambda _, old=old: old, (fbar_a, fbar_g)
+                )
+                modified = wake.so_gradient(gradient, state.g_prev[path], decay, lam, lam_prev)
+                direction = kron.eigen_solve(
+                    modified, solver_a, solver_g, damping, check_finite=False
+                )
+            else:
+                new["local_a"][path], new["local_g"][path] = local_a, local_g
+
+                def snapshot(factors: tuple[Array, ...]) -> tuple[Array, ...]:
+                    average_a, average_g, batch_a, batch_g = factors
+                    damping_a, damping_g = kron.split_damping(average_a, average_g, damping)
+                    eye_a = jnp.eye(average_a.shape[0], dtype=average_a.dtype)
+                    eye_g = jnp.eye(average_g.shape[0], dtype=average_g.dtype)
+                    return (
+                        average_a + damping_a * eye_a,
+                        average_g + damping_g * eye_g,
+                        batch_a,
+                        batch_g,
+                    )
+
+                old = (state.solver_a[path], state.solver_g[path], state.b_a[path], state.b_g[path])
+                solver_a, solver_g, b_a, b_g = jax.lax.cond(
+                    refresh,
+                    snapshot,
+                    lambda _, old=old: old,
+                    (fbar_a, fbar_g, local_a, local_g),
+                )
+                new["b_a"][path], new["b_g"][path] = b_a, b_g
+                ghat = wake.q_gradient(
+                    gradient,
+                    state.ghat_prev[path],
+                    state.g_prev[path],
+                    state.m_ghat_prev[path],
+                    decay,
+                    lam,
+                    lam_prev,
+                )
+                step, m_ghat = wake.kron_q_step(
+                    ghat, solver_a, solver_g, b_a, b_g, lam, solver=q_solver, check_finite=False
+                )
+                new["ghat_prev"][path], new["m_ghat_prev"][path] = ghat, m_ghat
+                direction = -lam * step
+            new["solver_a"][path], new["solver_g"][path] = solver_a, solver_g
+            new["g_prev"][path] = gradient
+            directions.append(direction)
+        new_state = KldwrmState(count=optax.safe_int32_increment(count), lam_prev=lam, **new)
+        return layout.replace_layers(updates, infos, directions), new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)

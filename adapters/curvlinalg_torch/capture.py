@@ -1,0 +1,684 @@
+r"""Per-layer captures of ``nn.Linear`` and ``nn.Conv2d``: layer inputs ``a`` and errors ``e``.
+
+This module turns a PyTorch forward/backward pass into the ``(a, e)`` pairs of the curvlinalg
+core (DESIGN.md, "Conventions"), so every formula can be called directly on torch tensors.
+
+Conventions
+-----------
+For a captured layer with weight ``W`` and a batch of ``B`` examples:
+
+* ``a`` (:attr:`LayerCapture.a`): the layer's inputs, ``(B, d_in)`` for a ``Linear`` on
+  ``(B, d_in)`` inputs, ``(B, T, d_in)`` for a ``Linear`` on ``(B, *, d_in)`` inputs (the middle
+  axes flattened into ``T`` positions) and for a ``Conv2d``, whose inputs are unfolded into
+  patches (``F.unfold``: ``T`` = number of output positions, ``d_in = C_in·kh·kw`` in the
+  channel-major order of ``W.reshape(C_out, -1)``). When the layer has a bias a column of
+  ones is appended, so ``a`` has ``d_in + 1`` columns.
+* ``e`` (:attr:`LayerCapture.e`): ``(B, d_out)`` or ``(B, T, d_out)``, the gradient of **each
+  example's own loss** with respect to the layer's output. Autograd on a batch-*mean* loss
+  delivers ``e / B``; the capture multiplies by ``B`` (``loss_reduction="mean"``, the default)
+  or keeps it as is (``loss_reduction="sum"``, for a loss summed over examples).
+* Gradient block: ``(d_out, d_in[+1])`` = ``[W.reshape(d_out, -1) | b]``
+  (:func:`parameters_to_matrix`, :func:`matrix_to_parameters`, :func:`add_matrix_`). The
+  per-example gradient is ``g_i = Σ_t e_itᵀ a_it`` (``curvlinalg.woodbury.per_example``) and
+  the gradient of the backpropagated loss is :meth:`LayerCapture.gradient`
+  (``Σ_i g_i / B`` for a mean loss).
+
+Supported layers: ``nn.Linear`` and ``nn.Conv2d`` with ``groups=1`` (any stride, padding —
+also ``"same"`` and non-zero ``padding_mode`` — and dilation), with or without bias, whose
+weight requires grad. :func:`find_layers` lists them; other modules are not captured.
+
+The training-loop pattern
+-------------------------
+::
+
+    capture = Capture(model)                      # hooks every supported layer
+    logits = model(x)                             # forward hooks keep each layer's input
+    capture.backward_sampled(logits, generator)   # optional: MC-Fisher errors → e_sampled,
+                                                  # .grad untouched (needs the graph: before
+    loss = F.cross_entropy(logits, y)             #  the data backward, which frees it)
+    loss.backward()                               # errors of the data loss → e
+    pairs = capture.captures()                    # [(a, e), ...] for curvlinalg
+    fisher_pairs = capture.captures("sampled")    # [(a, e_sampled), ...]
+    capture.clear()                               # drop the references before the next step
+    capture.remove()                              # (or use ``with Capture(model) as capture:``)
+
+:meth:`Capture.backward_errors` is the general form of ``backward_sampled``: it back-propagates
+any per-example output gradients (e.g. each class of the exact Fisher, one call per class,
+``curvlinalg.fisher.softmax_exact_errors``) into ``e_sampled`` without touching any ``.grad``
+and without computing any weight gradient.
+
+Cost model (why the capture is built this way)
+----------------------------------------------
+* The forward hook keeps a reference to the layer input (no copy); ``a`` is built lazily — the
+  unfold of a convolution and the ones column are paid only when ``a`` is read, once per step.
+* The layer's output is re-rooted in a small autograd node whose backward stores ``e`` and
+  computes only the gradient with respect to the layer *input*. With ``weight_grads=False``
+  (the default) autograd does **not** form ``W.grad = eᵀa``: curvature optimizers
+  precondition ``e`` and ``a`` (``curvlinalg.kron.precondition_factored``) and would throw
+  that product away. ``weight_grads=True`` restores ordinary ``.grad`` accumulation (for
+  gradient clipping, logging, or plain SGD on the same model). The parameters of other
+  modules (norm layers, embeddings) get their ``.grad`` as usual.
+* ``errors=False`` skips the storage of ``e`` entirely (a capture of inputs only).
+
+Limits: one capture per module at a time; no double backward through a captured layer
+(``create_graph=True``); ``torch.func`` transforms are not supported inside a capture. A layer
+applied several times in one recorded pass (weight sharing, several forwards before a
+``clear``) keeps one record per call, in call order; :attr:`LayerCapture.a` and
+:attr:`LayerCapture.e` then concatenate the calls along the batch axis (each call is
+treated as separate examples), and :attr:`LayerCapture.calls` tells how many there were.
+Inputs modified in place after the forward are detected when ``a`` is read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from curvlinalg import fisher
+
+__all__ = [
+    "Capture",
+    "LayerCapture",
+    "supported",
+    "find_layers",
+    "gradient_shape",
+    "parameters_to_matrix",
+    "matrix_to_parameters",
+    "add_matrix_",
+    "write_grad",
+]
+
+LossReduction = Literal["mean", "sum"]
+
+
+# --------------------------------------------------------------------------------------
+# Layers and the parameter ↔ gradient-matrix map
+# --------------------------------------------------------------------------------------
+
+
+def supported(module: nn.Module) -> bool:
+    """Whether ``module`` can be captured: an ``nn.Linear``, or an ``nn.Conv2d`` with
+    ``groups=1``, whose weight requires grad."""
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.weight.requires_grad
+    return isinstance(module, nn.Linear) and module.weight.requires_grad
+
+
+def find_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every supported layer of ``model``, in ``named_modules`` order."""
+    return [(name, module) for name, module in model.named_modules() if supported(module)]
+
+
+def _has_bias(module: nn.Module) -> bool:
+    return getattr(module, "bias", None) is not None
+
+
+def gradient_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in + has_bias)``: the shape of the layer's gradient block.
+
+    ``d_in`` is ``in_features`` for a ``Linear`` and ``C_in·kh·kw`` for a ``Conv2d``.
+    """
+    weight = module.weight
+    d_out = int(weight.shape[0])
+    d_in = math.prod(int(size) for size in weight.shape[1:])
+    return d_out, d_in + int(_has_bias(module))
+
+
+def parameters_to_matrix(module: nn.Module) -> Tensor:
+    """The layer's parameters as one ``(d_out, d_in[+1])`` matrix ``[W.reshape(d_out, -1) | b]``
+    (a new tensor)."""
+    weight = module.weight.detach()
+    flat = weight.reshape(weight.shape[0], -1)
+    if not _has_bias(module):
+        return flat.clone()
+    return torch.cat([flat, module.bias.detach()[:, None]], dim=1)
+
+
+def matrix_to_parameters(matrix: Tensor, module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """Split a ``(d_out, d_in[+1])`` gradient-block matrix into ``(weight_like, bias_like)``.
+
+    ``weight_like`` has ``module.weight``'s shape, ``bias_like`` ``module.bias``'s shape (or is
+    ``None`` without bias). Both are *views* of ``matrix`` where possible (no copy).
+    """
+    expected = gradient_shape(module)
+    if tuple(matrix.shape) != expected:
+        raise ValueError(
+            f"shape mismatch: matrix has shape {tuple(matrix.shape)} but the layer's gradient "
+            f"block is {expected}"
+        )
+    weight = module.weight
+    d_in = math.prod(int(size) for size in weight.shape[1:])
+    weight_part = matrix[:, :d_in].reshape(weight.shape)
+    bias_part = matrix[:, d_in] if _has_bias(module) else None
+    return weight_part, bias_part
+
+
+def add_matrix_(module: nn.Module, matrix: Tensor, alpha: float = 1.0) -> None:
+    """In place: ``[W | b] += alpha · matrix`` (``matrix`` cast to the parameters' dtype)."""
+    weight_part, bias_part = matrix_to_parameters(matrix, module)
+    with torch.no_grad():
+        module.weight.add_(weight_part.to(module.weight.dtype), alpha=alpha)
+        if bias_part is not None:
+            module.bias.add_(bias_part.to(module.bias.dtype), alpha=alpha)
+
+
+def write_grad(module: nn.Module, matrix: Tensor, *, accumulate: bool = False) -> None:
+    """Write a ``(d_out, d_in[+1])`` matrix into ``module.weight.grad`` (and ``bias.grad``).
+
+    ``accumulate=True`` adds to existing gradients as autograd would; otherwise they are
+    replaced.
+    """
+    weight_part, bias_part = matrix_to_parameters(matrix, module)
+    pairs = [(module.weight, weight_part)]
+    if bias_part is not None:
+        pairs.append((module.bias, bias_part))
+    for parameter, part in pairs:
+        part = part.to(parameter.dtype)
+        if accumulate and parameter.grad is not None:
+            parameter.grad.add_(part)
+        else:
+            parameter.grad = part.contiguous().clone()
+
+
+# --------------------------------------------------------------------------------------
+# Records and the autograd node that re-roots a captured layer's output
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Call:
+    """One forward call of a captured layer (and what its backward passes left)."""
+
+    inputs: Tensor  # detached layer input, shares the version counter of the original
+    version: int  # inputs._version at the forward, to detect later in-place edits
+    output: Tensor | None = None  # the native output (detached) until the node takes it
+    errors: Tensor | None = None  # scaled grad_output of the data backward (output layout)
+    sampled_errors: Tensor | None = None  # grad_output of backward_errors (output layout)
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on the layer's (detached) output, with the layer's own backward.
+
+    Its inputs are ``(x, weight, bias)`` so that the output keeps the autograd edges of the
+    layer; its backward stores the output gradient and returns the input gradient — and the
+    parameter gradients only when the capture asks for them — so ``W.grad = eᵀa`` is not
+    formed twice when an optimizer uses the factored captures instead.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: LayerCapture, call: _Call
+    ) -> Tensor:
+        ctx.layer = layer
+        ctx.call = call
+        ctx.save_for_backward(x, weight)
+        output = call.output
+        call.output = None
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        layer: LayerCapture = ctx.layer
+        call: _Call = ctx.call
+        capture = layer.capture
+        sampled = capture._sampled_pass
+        if sampled:
+            call.sampled_errors = grad_output
+        elif capture.errors:
+            call.errors = grad_output if capture._scale_is_one else grad_output * _batch(call)
+        x, weight = ctx.saved_tensors
+        want_x = ctx.needs_input_grad[0]
+        want_params = capture.weight_grads and not sampled
+        want_weight = want_params and ctx.needs_input_grad[1]
+        want_bias = want_params and ctx.needs_input_grad[2]
+        if not (want_x or want_weight or want_bias):
+            return None, None, None, None, None
+        grads = layer._backward(grad_output, x, weight, (want_x, want_weight, want_bias))
+        return (*grads, None, None)
+
+
+def _batch(call: _Call) -> int:
+    inputs = call.inputs
+    return 1 if inputs.ndim == 1 else int(inputs.shape[0])
+
+
+# --------------------------------------------------------------------------------------
+# Per-layer capture
+# --------------------------------------------------------------------------------------
+
+
+class LayerCapture:
+    """The captures of one layer (a ``Linear`` or a ``Conv2d``).
+
+    Attributes: ``name`` (from ``model.named_modules``), ``module``, ``kind`` (``"linear"`` or
+    ``"conv2d"``), ``has_bias``, ``d_in`` (columns of the gradient block, bias column
+    included), ``d_out``, ``capture`` (the owning :class:`Capture`).
+
+    The tensors below describe the calls recorded since the last :meth:`Capture.clear` and
+    are built on first access, then cached until the next clear.
+    """
+
+    def __init__(self, capture: Capture, name: str, module: nn.Module) -> None:
+        if not supported(module):
+            raise ValueError(
+                f"layer {name!r} ({type(module).__name__}) cannot be captured: only nn.Linear "
+                "and nn.Conv2d with groups=1 whose weight requires grad are supported"
+            )
+        self.capture = capture
+        self.name = name
+        self.module = module
+        self.kind: Literal["linear", "conv2d"] = (
+            "conv2d" if isinstance(module, nn.Conv2d) else "linear"
+        )
+        self.has_bias = _has_bias(module)
+        self.d_out, self.d_in = gradient_shape(module)
+        self._calls: list[_Call] = []
+        self._cache: dict[str, Tensor] = {}
+        self._handle = module.register_forward_hook(self._forward_hook)
+
+    def __repr__(self) -> str:
+        return (
+            f"LayerCapture({self.name!r}, {self.kind}, d_out={self.d_out}, d_in={self.d_in}, "
+            f"calls={len(self._calls)})"
+        )
+
+    # ----------------------------------------------------------------------------- hooks
+
+    def _forward_hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Any:
+        capture = self.capture
+        if not capture.enabled or not torch.is_grad_enabled() or not output.requires_grad:
+            return None
+        x = args[0]
+        call = _Call(inputs=x.detach(), version=x._version, output=output.detach())
+        self._calls.append(call)
+        self._cache.clear()
+        return _Tap.apply(x, module.weight, module.bias, self, call)
+
+    def _backward(
+        self, grad_output: Tensor, x: Tensor, weight: Tensor, mask: tuple[bool, bool, bool]
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(∂/∂x, ∂/∂W, ∂/∂b)`` of the layer for ``grad_output``, only where ``mask`` says."""
+        # Under autocast the output (and its gradient) can be half precision while x and W are
+        # float32; the layer's backward works in the gradient's dtype, as autocast's would.
+        dtype = grad_output.dtype
+        weight_c = weight if weight.dtype == dtype else weight.to(dtype)
+        x_c = x if x.dtype == dtype else x.to(dtype)
+        module = self.module
+        if self.kind == "linear":
+            grad_x = grad_w = grad_b = None
+            if mask[0]:
+                grad_x = (grad_output @ weight_c).to(x.dtype)
+            if mask[1] or mask[2]:
+                rows_g = grad_output.reshape(-1, grad_output.shape[-1])
+                if mask[1]:
+                    grad_w = (rows_g.mT @ x_c.reshape(-1, x.shape[-1])).to(weight.dtype)
+                if mask[2]:
+                    grad_b = rows_g.sum(0).to(module.bias.dtype)
+            return grad_x, grad_w, grad_b
+        unbatched = x_c.ndim == 3
+        if unbatched:
+            x_c, grad_output = x_c[None], grad_output[None]
+        explicit = _explicit_padding(module)
+        if explicit is None:
+            grad_x, grad_w, grad_b = _conv_backward(
+                module, grad_output, x_c, weight_c, list(module.padding), mask, self.has_bias
+            )
+        else:
+            # Padding the conv op cannot express (a mode other than zeros, or an asymmetric
+            # "same"): pad explicitly and let autograd map the gradient back through F.pad.
+            with torch.enable_grad():
+                leaf = x_c.detach().requires_grad_(mask[0])
+                padded = F.pad(leaf, explicit[0], mode=explicit[1])
+            grad_padded, grad_w, grad_b = _conv_backward(
+                module, grad_output, padded.detach(), weight_c, [0, 0], mask, self.has_bias
+            )
+            grad_x = None
+            if mask[0]:
+                (grad_x,) = torch.autograd.grad(padded, leaf, grad_padded)
+        if grad_x is not None:
+            grad_x = (grad_x[0] if unbatched else grad_x).to(x.dtype)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(module.bias.dtype)
+        return grad_x, grad_w, grad_b
+
+    # ----------------------------------------------------------------------------- data
+
+    @property
+    def calls(self) -> int:
+        """Number of recorded forward calls since the last clear."""
+        return len(self._calls)
+
+    @property
+    def batch_size(self) -> int:
+        """``B``: examples in the recorded calls (summed over calls)."""
+        return sum(_batch(call) for call in self._calls)
+
+    def _require_calls(self) -> list[_Call]:
+        if not self._calls:
+            raise RuntimeError(
+                f"layer {self.name!r} has no recorded forward pass: run the model with grad "
+                "enabled while the capture is enabled (and not cleared) before reading captures"
+            )
+        return self._calls
+
+    @property
+    def inputs(self) -> Tensor:
+        """The raw layer input of the (single) recorded call, detached: ``(B, d_in)``,
+        ``(B, *, d_in)`` or ``(B, C_in, H, W)``."""
+        calls = self._require_calls()
+        if len(calls) != 1:
+            raise RuntimeError(f"layer {self.name!r} recorded {len(calls)} calls; use .a")
+        return calls[0].inputs
+
+    @property
+    def a(self) -> Tensor:
+        """Layer inputs in the core convention: ``(B, d_in[+1])`` or ``(B, T, d_in[+1])``,
+        contiguous, with a column of ones appended when the layer has a bias."""
+        cached = self._cache.get("a")
+        if cached is None:
+            parts = []
+            for call in self._require_calls():
+                if call.inputs._version != call.version:
+                    raise RuntimeError(
+                        f"the input of layer {self.name!r} was modified in place after the "
+                        "forward pass; its captured a would be wrong"
+                    )
+                parts.append(self._unfold(call.inputs))
+            cached = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            self._cache["a"] = cached
+        return cached
+
+    def _unfold(self, x: Tensor) -> Tensor:
+        module = self.module
+        if self.kind == "linear":
+            rows = x[None] if x.ndim == 1 else x
+            if rows.ndim > 3:
+                rows = rows.reshape(rows.shape[0], -1, rows.shape[-1])
+            if not self.has_bias:
+                return rows.contiguous()
+            # One allocation and one copy: x into the leading columns, ones into the last.
+            out = rows.new_empty((*rows.shape[:-1], self.d_in))
+            out[..., :-1].copy_(rows)
+            out[..., -1] = 1
+            return out
+        if x.ndim == 3:
+            x = x[None]
+        explicit = _explicit_padding(module)
+        if explicit is not None:
+            x = F.pad(x, explicit[0], mode=explicit[1])
+        patches = F.unfold(
+            x,
+            module.kernel_size,
+            dilation=module.dilation,
+            padding=0 if explicit is not None else module.padding,
+            stride=module.stride,
+        )  # (B, C_in·kh·kw, T)
+        out = patches.new_empty((patches.shape[0], patches.shape[2], self.d_in))
+        if self.has_bias:
+            out[..., :-1].copy_(patches.mT)
+            out[..., -1] = 1
+        else:
+            out.copy_(patches.mT)
+        return out
+
+    def _errors(self, key: str, attribute: str) -> Tensor | None:
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        raw = [getattr(call, attribute) for call in self._require_calls()]
+        if any(part is None for part in raw):
+            return None
+        parts = []
+        for grad in raw:
+            if self.kind == "linear":
+                rows = grad[None] if grad.ndim == 1 else grad
+                if rows.ndim > 3:
+                    rows = rows.reshape(rows.shape[0], -1, rows.shape[-1])
+            else:
+                grad = grad[None] if grad.ndim == 3 else grad
+                rows = grad.flatten(2).mT  # (B, T, C_out)
+            parts.append(rows.contiguous())
+        result = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        self._cache[key] = result
+        return result
+
+    @property
+    def e(self) -> Tensor | None:
+        """Per-example errors of the data backward: ``(B, d_out)`` or ``(B, T, d_out)``, the
+        gradient of each example's own loss w.r.t. the layer output (``None`` before the
+        backward, or with ``errors=False``)."""
+        return self._errors("e", "errors")
+
+    @property
+    def e_sampled(self) -> Tensor | None:
+        """Per-example errors of the last :meth:`Capture.backward_errors` /
+        :meth:`Capture.backward_sampled` (same layout as :attr:`e`; ``None`` if none ran)."""
+        return self._errors("e_sampled", "sampled_errors")
+
+    def gradient(self) -> Tensor:
+        """The gradient of the back-propagated loss as a ``(d_out, d_in[+1])`` matrix:
+        ``Σ_{i,t} e_itᵀ a_it / B`` for ``loss_reduction="mean"``, without the ``1/B`` for
+        ``"sum"`` — what ``[W.grad | b.grad]`` would hold."""
+        e = self.e
+        if e is None:
+            raise RuntimeError(f"layer {self.name!r} has no errors: run the backward first")
+        a = self.a
+        scale = 1.0 if self.capture.loss_reduction == "sum" else 1.0 / self.batch_size
+        return (e.reshape(-1, self.d_out).mT @ a.reshape(-1, self.d_in)) * scale
+
+    def _clear(self) -> None:
+        self._calls = []
+        self._cache = {}
+
+    def _remove(self) -> None:
+        self._handle.remove()
+        self._clear()
+
+
+def _explicit_padding(module: nn.Conv2d) -> tuple[tuple[int, ...], str] | None:
+    """``(F.pad widths, F.pad mode)`` when the module's padding must be applied explicitly (a
+    non-zero ``padding_mode`` or a string padding, whose ``"same"`` may be asymmetric);
+    ``None`` when the conv op's symmetric zero padding does it."""
+    if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        return None
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return tuple(module._reversed_padding_repeated_twice), mode
+
+
+def _conv_backward(
+    module: nn.Conv2d,
+    grad_output: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    padding: list[int],
+    mask: tuple[bool, bool, bool],
+    has_bias: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The native convolution backward, computing only the gradients that ``mask`` asks for."""
+    return torch.ops.aten.convolution_backward(
+        grad_output,
+        x,
+        weight,
+        [int(weight.shape[0])] if has_bias else None,
+        list(module.stride),
+        padding,
+        list(module.dilation),
+        False,
+        [0, 0],
+        1,
+        [mask[0], mask[1], mask[2] and has_bias],
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The capture of a model
+# --------------------------------------------------------------------------------------
+
+
+class Capture:
+    r"""Capture ``a`` and ``e`` of every supported layer of a model (see the module docstring).
+
+    Args:
+        model: the network; its supported layers (:func:`find_layers`) are captured, unless
+            ``layers`` restricts them.
+        layers: the modules to capture (each must be a supported layer of ``model``); default
+            all supported layers.
+        loss_reduction: how the back-propagated loss combines examples: ``"mean"`` (autograd
+            delivers ``e / B``; the capture multiplies by ``B``) or ``"sum"``.
+        errors: store ``e`` on the data backward (``False``: inputs only).
+        weight_grads: also accumulate ``W.grad``/``b.grad`` of captured layers, as plain
+            autograd would (``False``: skip that product, which factored optimizers discard).
+
+    Hooks are registered at construction and removed by :meth:`remove` (or on leaving a
+    ``with`` block). ``enabled = False`` pauses recording. Records accumulate until
+    :meth:`clear`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        layers: Iterable[nn.Module] | None = None,
+        loss_reduction: LossReduction = "mean",
+        errors: bool = True,
+        weight_grads: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum'; got {loss_reduction!r}")
+        names = {id(module): name for name, module in model.named_modules()}
+        if layers is None:
+            chosen = find_layers(model)
+        else:
+            chosen = []
+            for module in layers:
+                if id(module) not in names:
+                    raise ValueError(
+                        f"layers contains a {type(module).__name__} that is not part of model"
+                    )
+                chosen.append((names[id(module)], module))
+        for _, module in chosen:
+            if getattr(module, "_curvlinalg_capture", None) is not None:
+                raise ValueError(
+                    f"layer {names[id(module)]!r} is already captured by another Capture; "
+                    "remove() that one first"
+                )
+        self.model = model
+        self.loss_reduction: LossReduction = loss_reduction
+        self._scale_is_one = loss_reduction == "sum"
+        self.errors = errors
+        self.weight_grads = weight_grads
+        self.enabled = True
+        self._sampled_pass = False
+        self.layers: list[LayerCapture] = []
+        for name, module in chosen:
+            self.layers.append(LayerCapture(self, name, module))
+            module._curvlinalg_capture = self  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Capture({len(self.layers)} layers, loss_reduction={self.loss_reduction!r})"
+
+    def __iter__(self) -> Iterator[LayerCapture]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __enter__(self) -> Capture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def clear(self) -> None:
+        """Forget every recorded call (and the tensors it references)."""
+        for layer in self.layers:
+            layer._clear()
+
+    def remove(self) -> None:
+        """Remove the hooks (the capture cannot record afterwards) and clear."""
+        for layer in self.layers:
+            layer._remove()
+            layer.module._curvlinalg_capture = None  # type: ignore[assignment]
+
+    def captures(self, which: Literal["data", "sampled"] = "data") -> list[tuple[Tensor, Tensor]]:
+        """``[(a, e), ...]`` per layer for the curvlinalg core: ``which="data"`` uses
+        :attr:`LayerCapture.e`, ``"sampled"`` :attr:`LayerCapture.e_sampled`."""
+        if which not in ("data", "sampled"):
+            raise ValueError(f"which must be 'data' or 'sampled'; got {which!r}")
+        pairs = []
+        for layer in self.layers:
+            e = layer.e if which == "data" else layer.e_sampled
+            if e is None:
+                raise RuntimeError(
+                    f"layer {layer.name!r} has no {which} errors: run the "
+                    + ("backward" if which == "data" else "backward_errors/backward_sampled")
+                    + " first"
+                )
+            pairs.append((layer.a, e))
+        return pairs
+
+    def backward_errors(self, output: Tensor, output_errors: Tensor) -> None:
+        r"""Back-propagate per-example output gradients into :attr:`LayerCapture.e_sampled`.
+
+        ``output_errors`` has ``output``'s shape: row ``i`` is the gradient of example ``i``'s
+        own loss w.r.t. ``output`` (e.g. ``softmax(z_i) − onehot(ỹ_i)``), so the stored errors
+        need no batch rescaling whatever ``loss_reduction`` is. No ``.grad`` is written and
+        no weight gradient is computed. The graph is kept (``retain_graph=True``) so that the
+        data backward can follow; call this before it.
+        """
+        if output.shape != output_errors.shape:
+            raise ValueError(
+                f"shape mismatch: output has shape {tuple(output.shape)} but output_errors "
+                f"has {tuple(output_errors.shape)}"
+            )
+        weights = [layer.module.weight for layer in self.layers if layer._calls]
+        if not weights:
+            raise RuntimeError("no captured layer has a recorded forward pass to back-propagate")
+        self._sampled_pass = True
+        try:
+            # Gradients w.r.t. the captured weights are *requested* so that autograd runs
+            # every captured node, but the nodes return None for them: nothing is formed or
+            # accumulated, and other parameters are not on the requested paths.
+            torch.autograd.grad(
+                output,
+                weights,
+                grad_outputs=output_errors.to(output.dtype),
+                retain_graph=True,
+                allow_unused=True,
+            )
+        finally:
+            self._sampled_pass = False
+        for layer in self.layers:
+            layer._cache.pop("e_sampled", None)
+
+    def backward_sampled(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        r"""MC-Fisher errors: sample ``ỹ_i ~ softmax(z_i)`` and back-propagate
+        ``∂ℓ(z_i, ỹ_i)/∂z_i = softmax(z_i) − onehot(ỹ_i)`` (cross-entropy) with
+        :meth:`backward_errors`.
+
+        ``logits``: ``(B, C)``. Labels come from ``curvlinalg.fisher.sample_labels`` with
+        uniform draws of ``torch.rand(B, generator=generator)`` (computed in float32 at
+        least). Returns the sampled labels ``(B,)``.
+        """
+        if logits.ndim != 2:
+            raise ValueError(f"logits must be (B, C); got shape {tuple(logits.shape)}")
+        detached = logits.detach()
+        if detached.dtype not in (torch.float32, torch.float64):
+            detached = detached.float()
+        uniform = torch.rand(
+            detached.shape[0], generator=generator, dtype=detached.dtype, device=detached.device
+        )
+        labels = fisher.sample_labels(detached, uniform)
+        self.backward_errors(logits, fisher.softmax_errors(detached, labels))
+        return labels
