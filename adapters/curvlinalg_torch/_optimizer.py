@@ -104,6 +104,20 @@ def ddp_ignore_captured(model: nn.Module, layers: Iterable[nn.Module] | None = N
     return names
 
 
+def label_generator(
+    model: nn.Module, generator: torch.Generator | None, seed: int | None
+) -> torch.Generator:
+    """The ``torch.Generator`` for sampled labels: ``generator`` itself, else a new one on the
+    model's device seeded with ``seed`` (or with a draw from torch's global RNG)."""
+    if generator is not None:
+        return generator
+    made = torch.Generator(device=next(model.parameters()).device)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    made.manual_seed(seed)
+    return made
+
+
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number; got {value!r}")

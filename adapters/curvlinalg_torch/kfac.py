@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from curvlinalg import kron
 
-from ._optimizer import CurvatureOptimizer
+from ._optimizer import CurvatureOptimizer, label_generator
 from .capture import LayerCapture, LossReduction
 
 __all__ = ["KFAC"]
@@ -126,13 +126,7 @@ class KFAC(CurvatureOptimizer):
         self._rng_before: Tensor | None = None
         self._sample_handle = None
         if fisher == "mc":
-            if generator is None:
-                device = next(model.parameters()).device
-                generator = torch.Generator(device=device)
-                if seed is None:
-                    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-                generator.manual_seed(seed)
-            self.generator: torch.Generator | None = generator
+            self.generator: torch.Generator | None = label_generator(self.model, generator, seed)
             self._sample_handle = self.model.register_forward_hook(self._sample_hook)
         else:
             self.generator = None

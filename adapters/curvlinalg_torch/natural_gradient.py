@@ -73,7 +73,7 @@ from torch import Tensor, nn
 from curvlinalg import fisher as core_fisher
 from curvlinalg import woodbury
 
-from ._optimizer import CurvatureOptimizer
+from ._optimizer import CurvatureOptimizer, label_generator
 from .capture import Capture, LayerCapture, LossReduction
 
 __all__ = ["NaturalGradient", "fisher_errors", "fisher_captures"]
@@ -364,13 +364,7 @@ class NaturalGradient(CurvatureOptimizer):
         self._sample_handle = None
         self.generator: torch.Generator | None = None
         if fisher == "mc":
-            if generator is None:
-                device = next(model.parameters()).device
-                generator = torch.Generator(device=device)
-                if seed is None:
-                    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-                generator.manual_seed(seed)
-            self.generator = generator
+            self.generator = label_generator(self.model, generator, seed)
         if fisher in ("mc", "exact"):
             self._sample_handle = self.model.register_forward_hook(self._fisher_hook)
 
