@@ -22,11 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -50,32 +46,21 @@ def parse() -> argparse.Namespace:
 
 def main() -> int:
     args = parse()
-    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[variable] = str(args.threads)
-    import numpy as np
+    sys.path.insert(0, str(HERE))
+    import training
+
+    training.limit_threads(args.threads)
+    import data
     import torch
+    from curvlinalg_torch import FOOF, KFAC, NaturalGradient
     from torch import nn
 
-    sys.path.insert(0, str(HERE))
-    import data
-    from curvlinalg_torch import FOOF, KFAC, NaturalGradient
-
-    torch.set_num_threads(args.threads)
     x_train, y_train, x_test, y_test = data.load(args.dataset)
     x_train, y_train = torch.from_numpy(x_train), torch.from_numpy(y_train)
     x_test, y_test = torch.from_numpy(x_test), torch.from_numpy(y_test)
 
     def network() -> nn.Module:
-        torch.manual_seed(args.seed)
-        layers: list[nn.Module] = []
-        widths = [784, 1000, 1000, 1000, 10]
-        for index, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
-            linear = nn.Linear(d_in, d_out, bias=False)
-            nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
-            layers.append(linear)
-            if index < len(widths) - 2:
-                layers.append(nn.ReLU())
-        return nn.Sequential(*layers)
+        return training.benzing_mlp(args.seed)
 
     optimizers = {
         "SGD+momentum": lambda m: torch.optim.SGD(m.parameters(), lr=0.03, momentum=0.9),
@@ -103,55 +88,29 @@ def main() -> int:
 
     steps_per_epoch = len(x_train) // args.batch
     total_steps = 10 if args.quick else args.epochs * steps_per_epoch
-    order = torch.Generator().manual_seed(args.seed)
-    batches = [
-        torch.randperm(len(x_train), generator=order)[: steps_per_epoch * args.batch].view(
-            steps_per_epoch, args.batch
-        )
-        for _ in range(math.ceil(total_steps / steps_per_epoch))
-    ]
-    batches = torch.cat(batches)[:total_steps]
+    batches = training.batch_order(len(x_train), args.batch, total_steps, args.seed)
     loss_function = nn.CrossEntropyLoss()
-
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress bars are optional
-        tqdm = None
 
     results = {}
     for name, make in optimizers.items():
         model = network()
         optimizer = make(model)
-        losses, times = [], []
-        steps = range(total_steps)
-        if tqdm is not None and not args.no_progress:
-            steps = tqdm(steps, desc=f"{name:>15}", unit="step", leave=True)
-        for step in steps:
-            index = batches[step]
-            start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_function(model(x_train[index]), y_train[index])
-            loss.backward()
-            optimizer.step()
-            times.append(time.perf_counter() - start)
-            losses.append(loss.item())
-            if not math.isfinite(losses[-1]):
-                print(f"{name}: loss became {losses[-1]} at step {step}; stopping it")
-                break
-        with torch.no_grad():
-            model.eval()
-            train_loss = float(
-                sum(
-                    loss_function(model(x_train[i : i + 1000]), y_train[i : i + 1000])
-                    * len(y_train[i : i + 1000])
-                    for i in range(0, len(x_train), 1000)
-                )
-                / len(x_train)
-            )
-            accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
+        run = training.train(
+            model,
+            optimizer,
+            x_train,
+            y_train,
+            batches,
+            loss_function,
+            name=name,
+            label_width=15,
+            show_progress=not args.no_progress,
+        )
+        train_loss, _ = training.evaluate(model, x_train, y_train, loss_function)
+        _, accuracy = training.evaluate(model, x_test, y_test, loss_function, chunk=len(x_test))
         results[name] = {
-            "losses": losses,
-            "step_seconds_median": statistics.median(times[1:] or times),
+            "losses": run["losses"],
+            "step_seconds_median": run["step_seconds_median"],
             "final_train_loss": train_loss,
             "test_accuracy": accuracy,
         }
@@ -174,21 +133,14 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").write_text(json.dumps({"args": vars(args), "results": results}))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no figure (pip install matplotlib)")
+    plt = training.pyplot()
+    if plt is None:
         return 0
     figure, axis = plt.subplots(figsize=(7, 4.5))
     window = 20
     for name, result in results.items():
-        losses = np.asarray(result["losses"])
-        if len(losses) >= window:
-            smoothed = np.convolve(losses, np.ones(window) / window, mode="valid")
-            axis.plot(np.arange(window, len(losses) + 1), smoothed, label=name)
+        if len(result["losses"]) >= window:
+            training.plot_mean_std(axis, [result["losses"]], name, window)
     axis.set_yscale("log")
     axis.set_xlabel("update")
     axis.set_ylabel(f"training mini-batch loss (mean of {window})")

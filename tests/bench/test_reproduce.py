@@ -1,0 +1,105 @@
+"""Cheap properties of the reproduction scripts (bench/reproduce_benzing.py,
+bench/reproduce_puiu.py): the model and hyperparameters match NOTES.md §4, and the --quick
+runs complete and write valid JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import BENCH
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("curvlinalg_torch")
+
+import reproduce_benzing  # noqa: E402
+import reproduce_puiu  # noqa: E402
+import training  # noqa: E402
+
+
+def test_puiu_cnn_has_4712_parameters():
+    model = reproduce_puiu.puiu_cnn(0)
+    assert sum(p.numel() for p in model.parameters()) == 4712
+    assert model(torch.zeros(3, 784)).shape == (3, 10)
+
+
+def test_benzing_mlp_has_no_biases():
+    model = training.benzing_mlp(0)
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    assert shapes == [(1000, 784), (1000, 1000), (1000, 1000), (10, 1000)]
+
+
+def test_sum_to_mean_translation_matches_notes():
+    # NOTES.md §1/§2.4: sum-over-batch factors at (lr, λ) = mean factors at (lr/B, λ/B).
+    assert training.sum_to_mean(30.0, 100.0, 100) == pytest.approx((0.3, 1.0))
+    hp = reproduce_benzing.hyperparameters()
+    mini, full = hp["minibatch"], hp["full_batch"]
+    assert mini["KFAC"] == pytest.approx({"lr": 0.003, "damping": 0.01})  # Fig 1A (0.3, 1)
+    assert mini["FOOF"] == pytest.approx({"lr": 0.3, "damping": 1.0})  # Fig 4B (30, 100)
+    assert full["KFAC"] == pytest.approx({"lr": 1e-4, "damping": 1e-7})  # Fig 1D, B = 1000
+    # The natural gradient's Fisher is already a batch mean in Benzing's code: unchanged.
+    assert mini["Natural (MC)"] == pytest.approx({"lr": 1e-5, "damping": 1e-4})
+    assert full["Natural (MC)"] == pytest.approx({"lr": 0.1, "damping": 1.0})
+    assert full["Natural (exact)"] == pytest.approx({"lr": 100.0, "damping": 100.0})
+    assert mini["SGD+momentum"] == {"lr": 0.01} and mini["Adam"] == {"lr": 1e-4}
+    assert full["SGD+momentum"] == {"lr": 0.03}
+    with pytest.raises(ValueError):
+        training.sum_to_mean(1.0, 1.0, 0)
+
+
+def test_puiu_table_counts():
+    row = reproduce_puiu.table_row([0.98, 0.985, 0.97], [0.25, 0.19, 0.3])
+    assert (row["N(acc>=98%)"], row["N(acc>98%)"], row["N(acc>=98.5%)"]) == (2, 1, 1)
+    assert (row["N(loss<=0.25)"], row["N(loss<=0.2)"]) == (2, 1)
+    assert row["acc_mean"] == pytest.approx(97.833333)
+
+
+def _run(script: str, out, *extra: str) -> None:
+    # One thread: on a busy machine two OpenMP threads can spin at barriers for seconds.
+    command = [sys.executable, str(BENCH / script), "--quick", "--no-progress", "--threads", "1"]
+    command += ["--out", str(out)]
+    subprocess.run([*command, *extra], check=True, capture_output=True, text=True, timeout=240)
+
+
+def _finite_curve(values):
+    return len(values) > 0 and all(isinstance(v, float) and math.isfinite(v) for v in values)
+
+
+@pytest.mark.smoke
+def test_reproduce_benzing_quick(tmp_path):
+    _run("reproduce_benzing.py", tmp_path, "--all")
+    for stem in ("benzing_mnist", "benzing_timing_mnist", "benzing_fullbatch_mnist"):
+        payload = json.loads((tmp_path / f"{stem}.json").read_text())
+        assert payload["runs"], stem
+        for runs in payload["runs"].values():
+            for run in runs:
+                assert run["losses"] and run["epoch_seconds"]
+                assert 0.0 <= run["test_accuracy"] <= 1.0
+    main = json.loads((tmp_path / "benzing_mnist.json").read_text())
+    assert set(main["runs"]) == {
+        "SGD+momentum",
+        "Adam",
+        "KFAC T=1",
+        "FOOF T=1",
+        "FOOF T=100",
+        "Natural (MC)",
+    }
+    assert all(_finite_curve(runs[0]["losses"]) for runs in main["runs"].values())
+    assert (tmp_path / "benzing_mnist_loss.png").stat().st_size > 0
+
+
+@pytest.mark.smoke
+def test_reproduce_puiu_quick(tmp_path):
+    _run("reproduce_puiu.py", tmp_path)
+    payload = json.loads((tmp_path / "puiu_table1.json").read_text())
+    assert payload["parameters"] == 4712
+    assert set(payload["runs"]) == {"K-FAC", "SO-KLD-WRM", "Q-KLD-WRM", "QE-KLD-WRM"}
+    for runs in payload["runs"].values():
+        (run,) = runs
+        assert _finite_curve(run["losses"]) and len(run["test_accuracy_per_epoch"]) == 2
+    assert set(payload["table"]) == set(payload["runs"])
+    assert (tmp_path / "puiu_table1.png").stat().st_size > 0
