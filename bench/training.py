@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from curvlinalg import NotPositiveDefiniteError
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
@@ -115,10 +117,11 @@ def train(
 
     A step is ``zero_grad``, forward, ``loss.backward()``, ``step()`` (``step(closure)`` with a
     closure that re-runs the batch's forward when ``step_closure``, as QE-KLD-WRM needs). Stops
-    at the first non-finite loss. ``after_epoch(epoch)`` runs (untimed) after every
-    ``steps_per_epoch`` steps. Returns ``losses`` (mini-batch loss per update),
-    ``step_seconds`` and ``epoch_seconds`` (sum of the step times of each epoch; evaluation
-    excluded) and ``diverged_at`` (step index or None).
+    at the first non-finite loss, or when the optimizer raises
+    ``curvlinalg.NotPositiveDefiniteError`` (its curvature overflowed; that step has no loss).
+    ``after_epoch(epoch)`` runs (untimed) after every ``steps_per_epoch`` steps. Returns
+    ``losses`` (mini-batch loss per update), ``step_seconds`` and ``epoch_seconds`` (sum of the
+    step times of each epoch; evaluation excluded) and ``diverged_at`` (step index or None).
     """
     model.train()
     losses: list[float] = []
@@ -134,10 +137,17 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         loss = loss_function(model(inputs), targets)
         loss.backward()
-        if step_closure:
-            optimizer.step(lambda inputs=inputs: model(inputs))
-        else:
-            optimizer.step()
+        try:
+            if step_closure:
+                optimizer.step(lambda inputs=inputs: model(inputs))
+            else:
+                optimizer.step()
+        except NotPositiveDefiniteError as error:
+            # A diverged run: its curvature overflowed (finite but huge captures). Record it
+            # like a non-finite loss and go on with the other methods.
+            print(f"{name}: {error} at step {step}; stopping it")
+            diverged_at = step
+            break
         seconds = time.perf_counter() - start
         times.append(seconds)
         elapsed += seconds
@@ -155,7 +165,7 @@ def train(
     return {
         "losses": losses,
         "step_seconds": times,
-        "step_seconds_median": statistics.median(times[1:] or times),
+        "step_seconds_median": statistics.median(times[1:] or times) if times else math.nan,
         "epoch_seconds": epoch_seconds,
         "diverged_at": diverged_at,
     }
