@@ -34,16 +34,19 @@ Usage::
 
     .venv/bin/python bench/bench_torch_natural_gradient.py            # 30 rounds, 5 contenders
     .venv/bin/python bench/bench_torch_natural_gradient.py --quick    # 8 rounds, SGD vs target
+    .venv/bin/python bench/bench_torch_natural_gradient.py --json PATH  # also the numbers as JSON
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import pathlib
 import platform
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -53,6 +56,7 @@ from curvlinalg_torch.natural_gradient import NaturalGradient
 from torch import nn
 
 PERIOD = 10
+MNIST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
 
 
 def make_model(bias: bool) -> nn.Module:
@@ -68,7 +72,7 @@ def make_model(bias: bool) -> nn.Module:
 
 
 def load_data(batch: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    path = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
+    path = MNIST
     generator = torch.Generator().manual_seed(0)
     if path.exists():
         with np.load(path, allow_pickle=False) as data:
@@ -149,6 +153,9 @@ def main() -> None:
         help="time with the process CPU clock instead of the wall clock (with --threads 1 "
         "it is insensitive to other processes' load)",
     )
+    parser.add_argument(
+        "--json", metavar="PATH", help="also write the table's numbers as JSON to PATH"
+    )
     args = parser.parse_args()
     clock = time.process_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
@@ -180,6 +187,7 @@ def main() -> None:
         f"\n{'contender':34s} {'step median ms':>14s} {'IQR ms':>17s} {'/SGD':>5s} "
         f"{'paired':>6s}   {'period/10 ms':>12s} {'IQR ms':>17s} {'/SGD':>5s} {'paired':>6s}"
     )
+    entries: list[dict[str, object]] = []  # for --json: the same numbers as the table
     for name in runs:
         s_lo, s_med, s_hi = quartiles(steps[name])
         p_lo, p_med, p_hi = quartiles(periods[name])
@@ -192,6 +200,22 @@ def main() -> None:
             f"[{1e3 * p_lo:6.2f}, {1e3 * p_hi:6.2f}] {p_med / reference_period:5.2f} "
             f"{paired_period:6.2f}"
         )
+        entries.append(
+            {
+                "name": name,
+                "step_median_ms": 1e3 * s_med,
+                "step_q1_ms": 1e3 * s_lo,
+                "step_q3_ms": 1e3 * s_hi,
+                "step_ratio": s_med / reference_step,
+                "step_paired": paired_step,
+                "period_median_ms": 1e3 * p_med,
+                "period_q1_ms": 1e3 * p_lo,
+                "period_q3_ms": 1e3 * p_hi,
+                "period_ratio": p_med / reference_period,
+                "period_paired": paired_period,
+                "steps_s": steps[name],
+            }
+        )
     load = os.getloadavg()
     print(
         f"\nload average during the run (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
@@ -200,6 +224,27 @@ def main() -> None:
         skipped = getattr(opt, "skipped_steps", 0)
         if skipped:
             print(f"warning: {name} skipped {skipped} steps")
+    if args.json:
+        meta = {
+            "script": "bench_torch_natural_gradient.py",
+            "command": sys.argv,
+            "args": vars(args),
+            "rounds": rounds,
+            "period": PERIOD,
+            "model": "MLP 784-1000-1000-1000-10",
+            "dtype": "float32",
+            "data": "MNIST" if MNIST.exists() else "standard-normal stand-ins",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "clock": "process CPU" if args.cpu_time else "wall",
+            "loadavg_end": list(load),
+            "skipped_steps": {
+                name: getattr(opt, "skipped_steps", 0) for name, (_, opt) in runs.items()
+            },
+        }
+        with open(args.json, "w") as file:
+            json.dump({"meta": meta, "entries": entries}, file, indent=2)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

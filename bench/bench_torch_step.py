@@ -33,11 +33,13 @@ trains a separate copy of the model for 20 steps on the benchmark batches and it
 them must decrease (printed).
 
 ``--quick`` runs a few rounds (seconds), for a smoke test; it includes the installed peers.
+``--json PATH`` also writes the table's numbers (and every timed step) as JSON to ``PATH``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -82,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--damping", type=float, default=1.0, help="λ of every entry")
     parser.add_argument(
         "--check-steps", type=int, default=20, help="training steps of the peers' loss check"
+    )
+    parser.add_argument(
+        "--json", metavar="PATH", help="also write the table's numbers as JSON to PATH"
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -134,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         return model, kfac
 
     names = ["sgd", "foof u=1", "foof u=10", "kfac-mc u=1", "kfac-mc u=10"]
+    peer_notes: list[str] = []  # for --json: skipped peers and the peers' loss checks
     peers: dict[str, Callable[[nn.Module], Callable[[torch.Tensor, torch.Tensor], object]]] = {}
     if args.peers:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -142,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         peers, skipped = peer_builders(args.batch, args.damping, args.inverse_every)
         for line in skipped:
             print(f"# peer {line}")
+            peer_notes.append(line)
         names += list(peers)
     if args.only:
         wanted = {name.strip() for name in args.only.split(",")}
@@ -159,9 +166,14 @@ def main(argv: list[str] | None = None) -> None:
                 raise
             except Exception as error:  # the peer imports but does not run on this torch
                 print(f"# peer {name}: skipped ({type(error).__name__}: {error})")
+                peer_notes.append(f"{name}: skipped ({type(error).__name__}: {error})")
                 continue
             print(
                 f"# peer {name}: pool loss {before:.4f} -> {after:.4f} "
+                f"after {args.check_steps} training steps (check passed)"
+            )
+            peer_notes.append(
+                f"{name}: pool loss {before:.4f} -> {after:.4f} "
                 f"after {args.check_steps} training steps (check passed)"
             )
             steps[name] = peers[name](fresh_model())
@@ -226,9 +238,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{'round ratio [IQR]':>24}{'mean ratio':>12}{'p10 ratio':>11}"
     )
     print(header)
+    entries: list[dict[str, object]] = []  # for --json: the same numbers as the table
     for name in names:
         if name in failed:
             print(f"{name:<24}failed, dropped: {failed[name]}")
+            entries.append({"name": name, "peer": True, "failed": failed[name]})
             continue
         sample = np.asarray(times[name])
         q1, median, q3 = np.percentile(sample, [25, 50, 75]) * 1e3
@@ -241,6 +255,37 @@ def main(argv: list[str] | None = None) -> None:
             f"{sample.mean() / base.mean():>12.2f}"
             f"{np.percentile(sample, 10) / np.percentile(base, 10):>11.2f}"
         )
+        entries.append(
+            {
+                "name": name,
+                "peer": name in peers,
+                "median_ms": float(median),
+                "q1_ms": float(q1),
+                "q3_ms": float(q3),
+                "ratio": float(np.median(sample) / np.median(base)),
+                "round_ratio": {"median": float(rm), "q1": float(r1), "q3": float(r3)},
+                "mean_ratio": float(sample.mean() / base.mean()),
+                "p10_ratio": float(np.percentile(sample, 10) / np.percentile(base, 10)),
+                "times_s": [float(t) for t in sample],
+            }
+        )
+    if args.json:
+        meta = {
+            "script": "bench_torch_step.py",
+            "command": sys.argv,
+            "args": vars(args),
+            "model": f"MLP {'-'.join(map(str, widths))}",
+            "dtype": "float32",
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "peers": peer_notes,
+        }
+        if hasattr(os, "getloadavg"):
+            meta["loadavg_end"] = list(os.getloadavg())
+        with open(args.json, "w") as file:
+            json.dump({"meta": meta, "entries": entries}, file, indent=2)
+        print(f"# wrote {args.json}")
 
 
 if __name__ == "__main__":

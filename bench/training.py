@@ -195,8 +195,11 @@ def evaluate(
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
+    """Mean and sample standard deviation (0 for one value); NaN for both when a value is not
+    finite (a diverged run has no meaningful spread)."""
     values = [float(v) for v in values]
+    if not all(math.isfinite(v) for v in values):
+        return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 

@@ -1,0 +1,510 @@
+"""Every speed benchmark in one command: run them in sequence, then write their tables and a
+figure.
+
+Runs, as subprocesses with the same pinned threads (``--threads N`` to each script and
+``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` = N in its environment):
+
+* ``bench_torch_step.py``: FOOF and K-FAC step time vs ``torch.optim.SGD``, plus the ASDL /
+  BackPACK peers of ``bench/peers.py`` when they import;
+* ``bench_torch_natural_gradient.py``: ``NaturalGradient`` step time vs ``torch.optim.SGD``;
+* ``bench_kron.py``: the Kronecker-factored solves against a plain GEMM;
+* ``bench_woodbury.py``: the implicit Woodbury natural gradient / Gram against materialised
+  per-example gradients.
+
+Each writes its JSON (``--json``) and its printed table (``<name>.log``) into the output folder;
+``race.md`` (markdown tables: every torch entry's median step time [IQR] and ratio to SGD,
+peers included, and the headline kron / Woodbury ratios) and ``race.png`` (step time / SGD of
+every torch entry, whiskers = IQR of the per-round ratios, the issue's targets marked) are built
+from those JSON files only.
+
+Usage::
+
+    python bench/race.py                # full runs -> bench/results/race/ (tens of minutes)
+    python bench/race.py --quick        # smoke runs -> bench/results/tmp/race/ (CI)
+    python bench/race.py --report-only --out DIR   # rebuild race.md / race.png from DIR's JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+
+# name -> (script, JSON file in the output folder)
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "torch_step": ("bench_torch_step.py", "torch_step.json"),
+    "torch_natural_gradient": ("bench_torch_natural_gradient.py", "torch_natural_gradient.json"),
+    "kron": ("bench_kron.py", "kron.json"),
+    "woodbury": ("bench_woodbury.py", "woodbury.json"),
+}
+
+# The issue's targets: step time / SGD's step time (median), per entry.
+TARGETS: dict[str, float] = {
+    "foof u=1": 1.6,
+    "foof u=10": 1.3,
+    "kfac-mc u=1": 2.5,
+    "kfac-mc u=10": 1.6,
+    "NG mc/independent/T=10": 1.5,
+}
+BASELINES = ("sgd", "SGD")
+KRON_GOAL = 0.85  # bench_kron.py: an op reaches ≥ 85 % of the plain GEMM rate
+
+
+# --------------------------------------------------------------------------------------
+# Running the benchmarks
+# --------------------------------------------------------------------------------------
+
+
+def child_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[name] = str(threads)
+    return env
+
+
+def command_for(name: str, out: Path, threads: int, quick: bool) -> list[str]:
+    script, json_name = BENCHMARKS[name]
+    command = [sys.executable, str(BENCH / script), "--threads", str(threads)]
+    if quick:
+        command.append("--quick")
+    return [*command, "--json", str(out / json_name)]
+
+
+def run_all(names: list[str], out: Path, threads: int, quick: bool) -> dict[str, dict[str, Any]]:
+    """Run each benchmark (stdout and stderr to ``out/<name>.log``); return their run records."""
+    env = child_env(threads)
+    runs: dict[str, dict[str, Any]] = {}
+    for name in names:
+        command = command_for(name, out, threads, quick)
+        pinned = " ".join(
+            f"{k}={env[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+        )
+        shown = f"{pinned} {shlex.join(command)}"
+        print(f"$ {shown}", flush=True)
+        log = out / f"{name}.log"
+        started = time.perf_counter()
+        with open(log, "w") as file:
+            rc = subprocess.run(
+                command, env=env, cwd=ROOT, stdout=file, stderr=subprocess.STDOUT
+            ).returncode
+        wall = time.perf_counter() - started
+        print(f"  -> exit {rc} in {wall:.1f} s, log {log}", flush=True)
+        runs[name] = {"command": shown, "returncode": rc, "wall_s": wall, "log": log.name}
+    return runs
+
+
+# --------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------
+
+
+def load_results(out: Path) -> dict[str, Any]:
+    """The JSON each benchmark wrote into ``out`` (missing ones are left out)."""
+    found = {}
+    for name, (_, json_name) in BENCHMARKS.items():
+        path = out / json_name
+        if path.exists():
+            found[name] = json.loads(path.read_text())
+    return found
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], statistics.median(values), q[2]
+
+
+def torch_entries(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per torch entry of both step benchmarks: the bar chart's data.
+
+    ``ratio``: median step / SGD's median step; ``round``: (q1, median, q3) of the per-round
+    ratios to the SGD step of the same round (bench_torch_step.py's ``round ratio``; for
+    bench_torch_natural_gradient.py, computed from its paired per-step times)."""
+    rows: list[dict[str, Any]] = []
+    for entry in results.get("torch_step", {}).get("entries", []):
+        row = {"source": "torch_step", "name": entry["name"], "peer": entry.get("peer", False)}
+        if "failed" in entry:
+            row["failed"] = entry["failed"]
+        else:
+            rr = entry["round_ratio"]
+            row.update(
+                median_ms=entry["median_ms"],
+                q1_ms=entry["q1_ms"],
+                q3_ms=entry["q3_ms"],
+                ratio=entry["ratio"],
+                round=(rr["q1"], rr["median"], rr["q3"]),
+                mean_ratio=entry["mean_ratio"],
+                p10_ratio=entry["p10_ratio"],
+            )
+        rows.append(row)
+    ng = results.get("torch_natural_gradient", {}).get("entries", [])
+    reference = next((e for e in ng if e["name"] in BASELINES), None)
+    for entry in ng:
+        row = {
+            "source": "torch_natural_gradient",
+            "name": entry["name"],
+            "peer": False,
+            "median_ms": entry["step_median_ms"],
+            "q1_ms": entry["step_q1_ms"],
+            "q3_ms": entry["step_q3_ms"],
+            "ratio": entry["step_ratio"],
+            "period_ratio": entry["period_ratio"],
+        }
+        if reference is not None and entry.get("steps_s"):
+            paired = [t / r for t, r in zip(entry["steps_s"], reference["steps_s"])]
+            row["round"] = quartiles(paired)
+        rows.append(row)
+    return rows
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return f"{value:.{digits}f}"
+
+
+def target_cell(row: dict[str, Any]) -> str:
+    target = TARGETS.get(row["name"])
+    if target is None or "ratio" not in row:
+        return ""
+    return f"≤ {target:g}: {'met' if row['ratio'] <= target else 'missed'}"
+
+
+def step_table(results: dict[str, Any]) -> list[str]:
+    rows = [r for r in torch_entries(results) if r["source"] == "torch_step"]
+    if not rows:
+        return ["_no result (bench_torch_step.py did not write its JSON)_"]
+    meta = results["torch_step"]["meta"]
+    args = meta.get("args", {})
+    lines = [
+        f"{meta.get('model', '')}, batch {args.get('batch')}, {meta.get('dtype', '')}, "
+        f"threads {args.get('threads')}, torch {meta.get('torch')}, {args.get('rounds')} "
+        f"rounds (+{args.get('warmup')} warm-up), clock {args.get('clock')}, inverse every "
+        f"{args.get('inverse_every')}, damping {args.get('damping')}. `ratio` = median step / "
+        "SGD's median step; `round ratio` = median [IQR] of the per-round ratios; `mean ratio` "
+        "= amortised, including the refresh steps.",
+        "",
+        "| entry | median ms [IQR] | ratio to SGD | round ratio [IQR] | mean ratio | p10 ratio "
+        "| target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        name = f"{r['name']} (peer)" if r["peer"] else r["name"]
+        if "failed" in r:
+            reason = r["failed"].replace("|", "\\|")
+            lines.append(f"| {name} | failed, dropped: {reason} | | | | | |")
+            continue
+        q1, rm, q3 = r["round"]
+        lines.append(
+            f"| {name} | {fmt(r['median_ms'])} [{fmt(r['q1_ms'])}, {fmt(r['q3_ms'])}] "
+            f"| {fmt(r['ratio'])} | {fmt(rm)} [{fmt(q1)}, {fmt(q3)}] | {fmt(r['mean_ratio'])} "
+            f"| {fmt(r['p10_ratio'])} | {target_cell(r)} |"
+        )
+    if meta.get("peers"):
+        lines += ["", "Peers:", ""] + [f"* {line}" for line in meta["peers"]]
+    return lines
+
+
+def natural_gradient_table(results: dict[str, Any]) -> list[str]:
+    data = results.get("torch_natural_gradient")
+    if not data:
+        return ["_no result (bench_torch_natural_gradient.py did not write its JSON)_"]
+    meta = data["meta"]
+    lines = [
+        f"{meta.get('model', '')}, batch {meta.get('args', {}).get('batch')}, "
+        f"{meta.get('dtype', '')}, threads {meta.get('threads')}, torch {meta.get('torch')}, "
+        f"{meta.get('rounds')} rounds × {meta.get('period')} steps, {meta.get('clock')} clock, "
+        f"data: {meta.get('data')}. `step`: single steps; `period/10`: whole refresh periods / "
+        f"{meta.get('period')} (amortised); `/SGD`: ratio of medians; `paired`: median of the "
+        "per-step (per-period) ratios to the SGD step (period) run alongside.",
+        "",
+        "| contender | step median ms [IQR] | /SGD | paired | period/10 ms [IQR] | /SGD | paired "
+        "| target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for e in data["entries"]:
+        row = {"name": e["name"], "ratio": e["step_ratio"]}
+        lines.append(
+            f"| {e['name']} | {fmt(e['step_median_ms'])} [{fmt(e['step_q1_ms'])}, "
+            f"{fmt(e['step_q3_ms'])}] | {fmt(e['step_ratio'])} | {fmt(e['step_paired'])} "
+            f"| {fmt(e['period_median_ms'])} [{fmt(e['period_q1_ms'])}, "
+            f"{fmt(e['period_q3_ms'])}] | {fmt(e['period_ratio'])} | {fmt(e['period_paired'])} "
+            f"| {target_cell(row)} |"
+        )
+    return lines
+
+
+def kron_table(results: dict[str, Any]) -> list[str]:
+    data = results.get("kron")
+    if not data:
+        return ["_no result (bench_kron.py did not write its JSON)_"]
+    args = data["meta"]["args"]
+    lines = [
+        f"d_in = d_out = {args['size']}, B = {args['batch']}, {args['dtype']}, threads "
+        f"{args['threads']}, {args['repeats']} repeats. `/GEMM`: achieved GFLOP/s over a plain "
+        f"GEMM's in the same run (goal ≥ {KRON_GOAL:.0%}); `/chain`: time over the same GEMMs as "
+        "raw backend ops; `speed-up`: factored over dense (forming the gradient included).",
+        "",
+        "| backend | op | median ms | /GEMM | /chain | speed-up over dense |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["results"]:
+        if r.get("kind") == "op":
+            ratio = r["ratio_to_gemm"]
+            flag = "" if ratio >= KRON_GOAL else " (< goal)"
+            lines.append(
+                f"| {r['backend']} | {r['name']} | {fmt(r['median_s'] * 1e3)} "
+                f"| {ratio:.0%}{flag} | {fmt(r.get('time_over_chain'))} | |"
+            )
+        elif r.get("kind") == "factored-vs-dense" and "speedup_over_dense" in r:
+            lines.append(
+                f"| {r['backend']} | {r['name']} | {fmt(r['median_s'] * 1e3)} | "
+                f"| {fmt(r.get('time_over_chain'))} | {fmt(r['speedup_over_dense'])}× |"
+            )
+    return lines
+
+
+def woodbury_table(results: dict[str, Any]) -> list[str]:
+    data = results.get("woodbury")
+    if not data:
+        return ["_no result (bench_woodbury.py did not write its JSON)_"]
+    meta = data["meta"]
+    args = meta["args"]
+    goals = meta.get("goals", {})
+    dims = "-".join(str(d) for d in args["mlp_dims"])
+    quick = bool(args.get("quick"))
+    lines = [
+        f"MLP {dims}, B = {args['batch']}, float32, threads {args['threads']}, "
+        f"{args['repeats']} repeats (slow {args['slow_repeats']}). `speed-up`: materialised "
+        "per-example-gradient path's median time over the implicit one's; `memory`: implicit "
+        "peak memory / materialised. Goals (issue, full-size MLP only): speed-up ≥ "
+        f"{goals.get('speedup', float('nan')):g}×, memory ≤ "
+        f"{goals.get('memory_ratio', float('nan')):.0%}"
+        + (" — not applicable to this --quick run." if quick else "."),
+        "",
+        "| backend | entry | median ms | speed-up | FLOP ratio | memory |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["results"]:
+        if r.get("part") != "mlp" or "speedup" not in r:
+            continue
+        memory = f"{r['memory_ratio']:.2%}" if "memory_ratio" in r else ""
+        lines.append(
+            f"| {r['backend']} | {r['name']} | {fmt(r['median_s'] * 1e3, 3)} "
+            f"| {r['speedup']:.0f}× | {r['flop_ratio']:.0f}× | {memory} |"
+        )
+    return lines
+
+
+def build_markdown(
+    results: dict[str, Any], runs: dict[str, dict[str, Any]], quick: bool, figure: str | None
+) -> str:
+    mode = "--quick (smoke run: few rounds, small shapes; indicative only)" if quick else "full"
+    lines = [
+        "# Speed race (`bench/race.py`)",
+        "",
+        f"Mode: {mode}. Every number below comes from the JSON the benchmarks wrote in this "
+        "folder; their printed tables are in the `*.log` files beside it.",
+        "",
+    ]
+    if runs:
+        lines += ["Commands run (in this order):", "", "```"]
+        lines += [f"{run['command']}" for run in runs.values()]
+        lines += ["```", "", "| benchmark | exit code | wall s |", "|---|---|---|"]
+        lines += [
+            f"| {name} | {run['returncode']} | {run['wall_s']:.1f} |" for name, run in runs.items()
+        ]
+        lines.append("")
+    sections = (
+        ("Optimizer step time vs SGD (`bench_torch_step.py`)", step_table),
+        (
+            "NaturalGradient step time vs SGD (`bench_torch_natural_gradient.py`)",
+            natural_gradient_table,
+        ),
+        ("Kronecker-factored solves vs GEMM (`bench_kron.py`)", kron_table),
+        ("Woodbury natural gradient vs materialised (`bench_woodbury.py`)", woodbury_table),
+    )
+    for title, table in sections:
+        lines += [f"## {title}", "", *table(results), ""]
+    if figure:
+        lines += [
+            "## Figure",
+            "",
+            f"![step time / SGD]({figure})",
+            "",
+            "Bars: median step time / SGD's median step time. Whiskers: median and IQR of the "
+            "per-round (paired) ratios. Red ticks: the issue's targets.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# Figure
+# --------------------------------------------------------------------------------------
+
+
+def build_figure(results: dict[str, Any], path: Path) -> bool:
+    """Bar chart of step time / SGD for every torch entry; False when there is none."""
+    rows = [
+        r
+        for r in torch_entries(results)
+        if r["name"] not in BASELINES and "failed" not in r and "ratio" in r
+    ]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['name']} (peer)" if r["peer"] else r["name"] for r in rows]  # top to bottom
+    y = list(range(len(rows)))[::-1]
+    colors = [
+        "tab:gray"
+        if r["peer"]
+        else "tab:green"
+        if r["source"] == "torch_natural_gradient"
+        else "tab:blue"
+        for r in rows
+    ]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.6))
+    ratios = [r["ratio"] for r in rows]
+    ax.barh(y, ratios, color=colors, alpha=0.75, height=0.6)
+    for yy, r in zip(y, rows):
+        target = TARGETS.get(r["name"])
+        note = f"{r['ratio']:.2f}" + (f"  (target ≤ {target:g})" if target else "")
+        ax.annotate(note, (r["ratio"], yy), xytext=(4, 6), textcoords="offset points", fontsize=7)
+    whiskered = [(yy, r["round"]) for yy, r in zip(y, rows) if r.get("round")]
+    if whiskered:
+        ax.errorbar(
+            [m for _, (_, m, _) in whiskered],
+            [yy for yy, _ in whiskered],
+            xerr=[[m - lo for _, (lo, m, _) in whiskered], [hi - m for _, (_, m, hi) in whiskered]],
+            fmt="o",
+            color="black",
+            markersize=3,
+            capsize=3,
+            label="per-round ratio: median [IQR]",
+        )
+    targeted = [(yy, TARGETS[r["name"]]) for yy, r in zip(y, rows) if r["name"] in TARGETS]
+    if targeted:
+        ax.scatter(
+            [t for _, t in targeted],
+            [yy for yy, _ in targeted],
+            marker="|",
+            s=400,
+            linewidths=2.5,
+            color="red",
+            zorder=3,
+            label="issue target",
+        )
+    ax.axvline(1.0, color="black", linewidth=1)
+    highest = max(ratios + [hi for _, (_, _, hi) in whiskered])
+    if highest > 4:  # peers several times slower: a log axis keeps the targets readable
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_xscale("log")
+        lowest = min(ratios + [lo for _, (lo, _, _) in whiskered] + [1.0])
+        ax.set_xlim(0.8 * lowest, 1.5 * highest)
+
+        def label(value: float, _: object) -> str:
+            leading = value / 10 ** math.floor(math.log10(value))
+            return f"{value:g}" if round(leading, 6) in (1, 2, 3, 5) else ""
+
+        ax.xaxis.set_major_formatter(FuncFormatter(label))
+        ax.xaxis.set_minor_formatter(FuncFormatter(label))
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels)
+    ax.set_xlabel("step time / SGD step time (median)")
+    meta = results.get("torch_step", results.get("torch_natural_gradient", {})).get("meta", {})
+    args = meta.get("args", {})
+    ax.set_title(
+        "curvlinalg_torch step time relative to torch.optim.SGD\n"
+        f"threads {args.get('threads')}, torch {meta.get('torch')}"
+        + (", --quick (indicative only)" if args.get("quick") else "")
+    )
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="x", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def is_quick(results: dict[str, Any]) -> bool:
+    """Whether the benchmarks behind ``results`` ran in their --quick mode."""
+    return any(data.get("meta", {}).get("args", {}).get("quick") for data in results.values())
+
+
+def write_report(out: Path, runs: dict[str, dict[str, Any]]) -> tuple[Path, Path]:
+    results = load_results(out)
+    quick = is_quick(results)
+    png = out / "race.png"
+    png.unlink(missing_ok=True)
+    has_figure = build_figure(results, png)
+    md = out / "race.md"
+    md.write_text(build_markdown(results, runs, quick, png.name if has_figure else None))
+    return md, png
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="every benchmark's --quick (CI)")
+    parser.add_argument("--threads", type=int, default=2, help="pinned threads (default 2)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default bench/results/race/, with --quick bench/results/tmp/race/)",
+    )
+    parser.add_argument(
+        "--skip", default="", help=f"comma-separated benchmarks to skip: {', '.join(BENCHMARKS)}"
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: rebuild race.md / race.png from the JSON already in --out",
+    )
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be positive")
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if skip - set(BENCHMARKS):
+        parser.error(f"unknown benchmark(s) in --skip: {', '.join(sorted(skip - set(BENCHMARKS)))}")
+    out = args.out or (BENCH / "results" / ("tmp/race" if args.quick else "race"))
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    runs: dict[str, dict[str, Any]] = {}
+    if not args.report_only:
+        for _, json_name in BENCHMARKS.values():  # skipped ones too: nothing stale is reported
+            (out / json_name).unlink(missing_ok=True)
+        runs = run_all([n for n in BENCHMARKS if n not in skip], out, args.threads, args.quick)
+        (out / "race_runs.json").write_text(json.dumps(runs, indent=2))
+    elif (out / "race_runs.json").exists():
+        runs = json.loads((out / "race_runs.json").read_text())
+    md, png = write_report(out, runs)
+    print(f"wrote {md}" + (f" and {png}" if png.exists() else " (no torch entry: no figure)"))
+    print(f"total {time.perf_counter() - started:.1f} s")
+    failed = [name for name, run in runs.items() if run["returncode"] != 0]
+    if failed:
+        print(f"failed: {', '.join(failed)} (see their .log files in {out})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

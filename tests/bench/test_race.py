@@ -1,0 +1,137 @@
+"""bench/race.py: the commands it runs and the tables / figure it builds.
+
+``race.py --quick`` runs four benchmarks end to end and takes minutes on the shared 2-core
+machine (well over a minute even single-threaded), too slow for the test suite. The report
+functions are tested instead on the JSON that a real ``race.py --quick --threads 1`` run wrote
+(tests/bench/data/race_quick/; ASDL and BackPACK were installed, so the peers' entries are in
+it). The torch JSON files are copied unchanged; kron.json and woodbury.json keep their ``args``
+and only the result entries that race.py reads, values untouched."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import race  # bench/race.py: tests/bench/conftest.py puts bench/ on sys.path
+
+from .conftest import BENCH
+
+DATA = Path(__file__).resolve().parent / "data" / "race_quick"
+
+
+@pytest.fixture
+def results():
+    return race.load_results(DATA)
+
+
+def test_fixture_holds_every_benchmark(results):
+    assert set(results) == set(race.BENCHMARKS)
+    assert race.is_quick(results)
+
+
+def test_commands_pin_threads_and_forward_quick(tmp_path):
+    for name, (script, json_name) in race.BENCHMARKS.items():
+        command = race.command_for(name, tmp_path, 3, quick=True)
+        assert command[0] == sys.executable
+        assert command[1] == str(BENCH / script)
+        assert command[command.index("--threads") + 1] == "3"
+        assert "--quick" in command
+        assert command[command.index("--json") + 1] == str(tmp_path / json_name)
+        assert "--quick" not in race.command_for(name, tmp_path, 2, quick=False)
+    env = race.child_env(3)
+    assert [env[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")] == [
+        "3"
+    ] * 3
+
+
+def test_torch_entries_come_from_the_json(results):
+    rows = race.torch_entries(results)
+    step = results["torch_step"]["entries"]
+    ng = results["torch_natural_gradient"]["entries"]
+    assert [r["name"] for r in rows] == [e["name"] for e in step] + [e["name"] for e in ng]
+    by_name = {r["name"]: r for r in rows}
+    for entry in step:
+        if "failed" in entry:
+            continue
+        row = by_name[entry["name"]]
+        assert row["ratio"] == entry["ratio"] and row["median_ms"] == entry["median_ms"]
+        assert row["round"] == (
+            entry["round_ratio"]["q1"],
+            entry["round_ratio"]["median"],
+            entry["round_ratio"]["q3"],
+        )
+    assert any(r["peer"] for r in rows)  # the fixture run had ASDL / BackPACK installed
+    ng_by_name = {e["name"]: e for e in ng}
+    sgd, ng_target = ng_by_name["SGD"], ng_by_name["NG mc/independent/T=10"]
+    paired = [t / r for t, r in zip(ng_target["steps_s"], sgd["steps_s"])]
+    row = by_name["NG mc/independent/T=10"]
+    low, median, high = row["round"]
+    assert low <= median <= high
+    assert median == pytest.approx(statistics.median(paired))
+    assert row["ratio"] == ng_target["step_ratio"]
+
+
+def test_markdown_has_every_entry_and_headline(results):
+    text = race.build_markdown(results, {}, race.is_quick(results), "race.png")
+    for entry in results["torch_step"]["entries"] + results["torch_natural_gradient"]["entries"]:
+        assert f"| {entry['name']}" in text
+    for entry in results["torch_step"]["entries"]:
+        if "failed" not in entry:
+            assert f"| {entry['ratio']:.2f} |" in text
+    for name, target in race.TARGETS.items():
+        assert f"≤ {target:g}:" in text, name
+    kron_ops = [r for r in results["kron"]["results"] if r.get("kind") == "op"]
+    for r in kron_ops:
+        assert f"| {r['backend']} | {r['name']} |" in text
+        assert f"{r['ratio_to_gemm']:.0%}" in text
+    woodbury = [r for r in results["woodbury"]["results"] if "speedup" in r]
+    assert woodbury
+    for r in woodbury:
+        assert f"| {r['backend']} | {r['name']} |" in text
+        assert f"{r['speedup']:.0f}×" in text
+    assert "not applicable to this --quick run" in text
+    assert "![step time / SGD](race.png)" in text
+
+
+def test_failed_peer_is_a_row_without_numbers(results):
+    step = results["torch_step"]
+    peer = next(e for e in step["entries"] if e.get("peer"))
+    failed = {"name": peer["name"], "peer": True, "failed": "raised at its step 3: a | b"}
+    step["entries"] = [failed if e is peer else e for e in step["entries"]]
+    rows = {r["name"]: r for r in race.torch_entries(results)}
+    assert "ratio" not in rows[peer["name"]]
+    text = "\n".join(race.step_table(results))
+    assert f"| {peer['name']} (peer) | failed, dropped: raised at its step 3: a \\| b |" in text
+
+
+def test_missing_benchmark_is_reported_not_invented(results):
+    partial = {k: v for k, v in results.items() if k != "kron"}
+    text = race.build_markdown(partial, {}, True, None)
+    assert "_no result (bench_kron.py did not write its JSON)_" in text
+    assert "![" not in text
+
+
+def test_report_only_rebuilds_markdown_and_figure(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    for path in DATA.glob("*.json"):
+        shutil.copy(path, tmp_path / path.name)
+    assert race.main(["--report-only", "--out", str(tmp_path)]) == 0
+    png = tmp_path / "race.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (tmp_path / "race.md").read_text()
+    assert "Mode: --quick" in text
+    runs = json.loads((DATA / "race_runs.json").read_text())
+    for run in runs.values():
+        assert run["command"] in text
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_figure_needs_a_torch_entry(tmp_path, results):
+    pytest.importorskip("matplotlib")
+    only_core = {k: results[k] for k in ("kron", "woodbury")}
+    assert not race.build_figure(only_core, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
