@@ -81,6 +81,14 @@ def command_for(name: str, out: Path, threads: int, quick: bool) -> list[str]:
     return [*command, "--json", str(out / json_name)]
 
 
+def readable(command: list[str]) -> list[str]:
+    """``command`` as a reader re-types it from the project root: ``python`` for this
+    interpreter, paths under the root made relative."""
+    shown = ["python" if part == sys.executable else part for part in command]
+    prefix = f"{ROOT}{os.sep}"
+    return [part.removeprefix(prefix) for part in shown]
+
+
 def run_all(names: list[str], out: Path, threads: int, quick: bool) -> dict[str, dict[str, Any]]:
     """Run each benchmark (stdout and stderr to ``out/<name>.log``); return their run records."""
     env = child_env(threads)
@@ -90,7 +98,7 @@ def run_all(names: list[str], out: Path, threads: int, quick: bool) -> dict[str,
         pinned = " ".join(
             f"{k}={env[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
         )
-        shown = f"{pinned} {shlex.join(command)}"
+        shown = f"{pinned} {shlex.join(readable(command))}"
         print(f"$ {shown}", flush=True)
         log = out / f"{name}.log"
         started = time.perf_counter()

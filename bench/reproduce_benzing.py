@@ -50,6 +50,9 @@ Usage::
     python bench/reproduce_benzing.py --dataset both       # Figs 1A/4B: hours on a CPU
     python bench/reproduce_benzing.py --timing             # Fig 4A
     python bench/reproduce_benzing.py --full-batch --dataset both   # Fig 1D
+    # one seed per process (in parallel, or on several machines), then one table and figure:
+    python bench/reproduce_benzing.py --first-seed 1 --seeds 1 --out DIR1
+    python bench/reproduce_benzing.py --merge DIR0/benzing_mnist.json DIR1/benzing_mnist.json
 """
 
 from __future__ import annotations
@@ -139,11 +142,21 @@ def hyperparameters(batch: int = BATCH, full_batch: int = FULL_BATCH) -> dict[st
     }
 
 
+MAIN_EXPERIMENT = "Benzing ICML 2022 Figs 1A/4B"
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "both"])
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 … N−1")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds F … F+N−1")
+    parser.add_argument("--first-seed", type=int, default=0, help="F (default 0)")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: join main-run JSON files (one per seed range) into --out",
+    )
     parser.add_argument("--timing", action="store_true", help="Fig 4A: seconds per epoch")
     parser.add_argument("--timing-epochs", type=int, default=1)
     parser.add_argument("--full-batch", action="store_true", help="Fig 1D: 1000 images")
@@ -330,9 +343,24 @@ def main_run(args: argparse.Namespace, hp: dict[str, Any], dataset: str, out: Pa
     steps_per_epoch = len(arrays[0]) // BATCH
     steps = args.epochs * steps_per_epoch
     made = _select(_optimizers("main", hp), args.only)
-    runs = _run_methods(made, arrays, BATCH, steps, list(range(args.seeds)), args)
+    seeds = training.seed_range(args.first_seed, args.seeds)
+    runs = _run_methods(made, arrays, BATCH, steps, seeds, args)
+    main_report(runs, dataset, steps_per_epoch, hp, out, {"args": vars(args)})
+
+
+def main_report(
+    runs: dict[str, list[dict[str, Any]]],
+    dataset: str,
+    steps_per_epoch: int,
+    hp: dict[str, Any],
+    out: Path,
+    provenance: dict[str, Any],
+) -> None:
+    """Table, ``benzing_<dataset>.json`` and the loss figure of a main run's ``runs``."""
     summary = _summary(runs)
-    print(f"\n{dataset}: batch {BATCH}, {steps} updates, {args.seeds} seed(s), mean ± std")
+    steps = max(len(run["losses"]) for per_seed in runs.values() for run in per_seed)
+    seeds = sorted({run["seed"] for per_seed in runs.values() for run in per_seed})
+    print(f"\n{dataset}: batch {BATCH}, {steps} updates, seeds {seeds}, mean ± std")
     print(
         f"{'method':<14}{'train loss':>22}{'last 100 mb':>12}{'test acc %':>16}"
         f"{'test loss':>10}{'s/epoch':>9}  paper (train loss)"
@@ -349,11 +377,12 @@ def main_run(args: argparse.Namespace, hp: dict[str, Any], dataset: str, out: Pa
     training.write_json(
         out / f"{stem}.json",
         {
-            "experiment": "Benzing ICML 2022 Figs 1A/4B",
+            "experiment": MAIN_EXPERIMENT,
             "dataset": dataset,
             "batch": BATCH,
             "steps_per_epoch": steps_per_epoch,
-            "args": vars(args),
+            **provenance,
+            "seeds": seeds,
             "hyperparameters": hp["minibatch"],
             "published": PUBLISHED["minibatch"],
             "runs": runs,
@@ -365,7 +394,7 @@ def main_run(args: argparse.Namespace, hp: dict[str, Any], dataset: str, out: Pa
     _loss_figure(
         out / f"{stem}_loss.png",
         runs,
-        f"MLP on {dataset}, batch {BATCH} (mean ± std, {args.seeds} seeds)",
+        f"MLP on {dataset}, batch {BATCH} (mean ± std, {len(seeds)} seed(s))",
         window,
     )
     print(f"wrote {out / stem}.json and {stem}_loss.png")
@@ -477,6 +506,21 @@ def main(argv: list[str] | None = None) -> int:
     print_header(hp)
     datasets = ["mnist", "fashion-mnist"] if args.dataset == "both" else [args.dataset]
     out = Path(args.out)
+    if args.merge:
+        parts = training.read_parts(args.merge, MAIN_EXPERIMENT)
+        datasets = {part["dataset"] for part in parts}
+        if len(datasets) != 1:
+            raise SystemExit(f"--merge: the files hold different datasets {sorted(datasets)}")
+        runs = training.merge_runs([part["runs"] for part in parts])
+        main_report(
+            runs,
+            parts[0]["dataset"],
+            parts[0]["steps_per_epoch"],
+            hp,
+            out,
+            {"merged_from": [part.get("args", part.get("merged_from")) for part in parts]},
+        )
+        return 0
     main_part = args.all or not (args.timing or args.full_batch)
     if main_part:
         for dataset in datasets:

@@ -16,7 +16,9 @@ translated): lr = 0.01 (λ = 1/lr = 100) constant, damping δ = 0.01, factor sta
 inverses every 30 steps (``update_every = inverse_every = 30``), no momentum. ρ: K-FAC 0.95,
 SO 0.33, Q 0.5, QE 0.5. K-FAC and SO use product damping ``(Ā⊗Ḡ + δI)⁻¹`` in the Kronecker
 eigenbasis as Puiu's code does (``damping_rule="exact"``); Q and QE need the factored (π-rule)
-damping of F̄, the only rule for ``F̄ + B/λ`` in ``KLDWRM``. Q/QE solve ``F̄ + B/λ`` exactly
+damping of F̄, the only rule for ``F̄ + B/λ`` in ``KLDWRM`` (a sum of two Kronecker products
+plus δI has no Kronecker eigenbasis). ``--damping-rule factored`` gives K-FAC and SO the π
+rule too, so that the four methods differ only in their updates. Q/QE solve ``F̄ + B/λ`` exactly
 (``--q-solver summed_factors`` gives Puiu's code's single-product approximation). QE: the
 paper's values — capacity N_CAP = 4, N_IS = 10 inner steps of size ω/λ = 7e-4
 (``inner_lr = 0.07``), inner momentum 0, ζ = κ/330 (``zeta = 1/330``); the closure re-runs the
@@ -36,11 +38,15 @@ Usage::
     python bench/reproduce_puiu.py --quick                 # smoke run, bench/results/tmp/puiu
     python bench/reproduce_puiu.py                         # Table 1: 10 seeds × 50 epochs
     python bench/reproduce_puiu.py --epochs 10 --seeds 3 --only K-FAC,SO-KLD-WRM
+    # seed ranges or methods in separate processes, then one table and figure:
+    python bench/reproduce_puiu.py --first-seed 5 --seeds 5 --out DIR1
+    python bench/reproduce_puiu.py --merge DIR0/puiu_table1.json DIR1/puiu_table1.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -96,9 +102,23 @@ def puiu_cnn(seed: int) -> Any:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--seeds", type=int, default=10, help="seeds 0 … N−1")
+    parser.add_argument("--seeds", type=int, default=10, help="seeds F … F+N−1")
+    parser.add_argument("--first-seed", type=int, default=0, help="F (default 0)")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: join puiu_table1.json files (one per seed range) into --out",
+    )
     parser.add_argument("--fisher", default="empirical", choices=["empirical", "mc"])
     parser.add_argument("--q-solver", default="exact", choices=["exact", "summed_factors"])
+    parser.add_argument(
+        "--damping-rule",
+        default="exact",
+        choices=["exact", "factored"],
+        help="K-FAC and SO: product damping as Puiu's code (exact) or the factored π rule of "
+        "Q and QE",
+    )
     parser.add_argument("--weight-decay", type=float, default=0.0, help="decoupled")
     parser.add_argument("--only", default="", help="comma-separated subset of the methods")
     parser.add_argument("--threads", type=int, default=2)
@@ -136,12 +156,12 @@ def optimizers(args: argparse.Namespace) -> dict[str, Callable[[Any, int], Any]]
             m,
             LR,
             DAMPING,
-            damping_rule="exact",
+            damping_rule=args.damping_rule,
             ema_decay=RHO["K-FAC"],
             seed=s,
             **common,
         ),
-        "SO-KLD-WRM": kldwrm("so", "SO-KLD-WRM", damping_rule="exact"),
+        "SO-KLD-WRM": kldwrm("so", "SO-KLD-WRM", damping_rule=args.damping_rule),
         "Q-KLD-WRM": kldwrm("q", "Q-KLD-WRM", solver=args.q_solver),
         "QE-KLD-WRM": kldwrm("qe", "QE-KLD-WRM", solver=args.q_solver, **QE),
     }
@@ -171,9 +191,25 @@ def table_row(accuracies: list[float], losses: list[float]) -> dict[str, float]:
     }
 
 
+EXPERIMENT = "Puiu ECML-PKDD 2022 Table 1"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     training.limit_threads(args.threads)
+    if args.merge:
+        parts = training.read_parts(args.merge, EXPERIMENT)
+        settings = {json.dumps(part["hyperparameters"], sort_keys=True) for part in parts}
+        if len(settings) != 1:
+            raise SystemExit("--merge: the files were run with different hyperparameters")
+        report(
+            training.merge_runs([part["runs"] for part in parts]),
+            parts[0]["steps_per_epoch"],
+            parts[0]["hyperparameters"],
+            Path(args.out),
+            {"merged_from": [part.get("args", part.get("merged_from")) for part in parts]},
+        )
+        return 0
     import data
     import torch
     import torch.nn.functional as F
@@ -189,12 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     made = optimizers(args)
     steps_per_epoch = -(-len(x_train) // BATCH)
     steps = args.epochs * steps_per_epoch
-    seeds = list(range(args.seeds))
+    seeds = training.seed_range(args.first_seed, args.seeds)
     print("Puiu (ECML-PKDD 2022) Table 1 reproduction — MNIST CNN (4712 parameters)")
     print(
         f"batch {BATCH}, {steps_per_epoch} steps/epoch, {args.epochs} epochs, seeds {seeds}; "
         f"lr {LR} (λ = {1 / LR:g}), damping {DAMPING}, factors and inverses every {PERIOD} "
         f"steps, Fisher {args.fisher}, ρ {RHO}, Q solver {args.q_solver}, QE {QE}, "
+        f"K-FAC/SO damping rule {args.damping_rule} (Q/QE: factored), "
         f"weight decay {args.weight_decay} (decoupled); paper values used as published "
         f"(batch-mean factors: no translation)"
     )
@@ -231,6 +268,37 @@ def main(argv: list[str] | None = None) -> int:
             run["seed"] = seed
             runs[name].append(run)
 
+    hyperparameters = {
+        "lr": LR,
+        "damping": DAMPING,
+        "period": PERIOD,
+        "rho": RHO,
+        "qe": QE,
+        "fisher": args.fisher,
+        "q_solver": args.q_solver,
+        "damping_rule": {
+            "K-FAC": args.damping_rule,
+            "SO-KLD-WRM": args.damping_rule,
+            "Q-KLD-WRM": "factored",
+            "QE-KLD-WRM": "factored",
+        },
+        "weight_decay": args.weight_decay,
+    }
+    report(runs, steps_per_epoch, hyperparameters, Path(args.out), {"args": vars(args)})
+    return 0
+
+
+def report(
+    runs: dict[str, list[dict[str, Any]]],
+    steps_per_epoch: int,
+    hyperparameters: dict[str, Any],
+    out: Path,
+    provenance: dict[str, Any],
+) -> None:
+    """Table 1, ``puiu_table1.json`` and the figure of ``runs``."""
+    seeds = sorted({run["seed"] for per_seed in runs.values() for run in per_seed})
+    epochs = max(len(run["test_accuracy_per_epoch"]) for per in runs.values() for run in per)
+    steps = epochs * steps_per_epoch
     table = {}
     for name, per_seed in runs.items():
         table[name] = table_row(
@@ -240,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             [s for run in per_seed for s in run["epoch_seconds"]]
         )[0]
     n = len(seeds)
-    print(f"\nTest metrics after epoch {args.epochs}, {n} seed(s) (paper: 10 runs, epoch 50)")
+    print(f"\nTest metrics after epoch {epochs}, seeds {seeds} (paper: 10 runs, epoch 50)")
     print(
         f"{'method':<12}{'N≥98%':>7}{'N>98%':>7}{'N≥98.5%':>9}{'N≤.25':>7}{'N≤.2':>6}"
         f"{'acc % (μ ± σ)':>18}{'loss (μ ± σ)':>17}{'s/epoch':>9}   paper acc / loss"
@@ -256,26 +324,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{paper['loss_mean']:.2f} ± {paper['loss_sd']:.2f}"
         )
 
-    out = Path(args.out)
     training.write_json(
         out / "puiu_table1.json",
         {
-            "experiment": "Puiu ECML-PKDD 2022 Table 1",
+            "experiment": EXPERIMENT,
             "dataset": "mnist",
             "batch": BATCH,
             "steps_per_epoch": steps_per_epoch,
-            "parameters": count,
-            "args": vars(args),
-            "hyperparameters": {
-                "lr": LR,
-                "damping": DAMPING,
-                "period": PERIOD,
-                "rho": RHO,
-                "qe": QE,
-                "fisher": args.fisher,
-                "q_solver": args.q_solver,
-                "weight_decay": args.weight_decay,
-            },
+            "parameters": PARAMETERS,
+            **provenance,
+            "seeds": seeds,
+            "epochs": epochs,
+            "hyperparameters": hyperparameters,
             "runs": runs,
             "table": table,
             "paper_table": PAPER_TABLE,
@@ -316,7 +376,6 @@ def main(argv: list[str] | None = None) -> int:
         figure.savefig(out / "puiu_table1.png", dpi=120)
         plt.close(figure)
     print(f"wrote {out / 'puiu_table1.json'} and puiu_table1.png")
-    return 0
 
 
 if __name__ == "__main__":

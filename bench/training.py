@@ -203,6 +203,45 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def seed_range(first: int, count: int) -> list[int]:
+    """Seeds ``first … first + count − 1``: a long reproduction split over processes (one
+    seed each, ``--first-seed s --seeds 1``) runs exactly the seeds of one long run."""
+    if first < 0 or count < 1:
+        raise ValueError(f"first seed {first} must be ≥ 0 and the seed count {count} ≥ 1")
+    return list(range(first, first + count))
+
+
+def merge_runs(parts: Sequence[dict[str, list[dict[str, Any]]]]) -> dict[str, list[dict[str, Any]]]:
+    """Join the ``runs`` (method → one dict per seed, each with a ``"seed"``) of partial
+    reproduction runs into one, methods in first-seen order and each method's runs in seed
+    order. A seed that two parts both ran for one method is an error (it would be counted
+    twice in the mean ± std)."""
+    merged: dict[str, list[dict[str, Any]]] = {}
+    for runs in parts:
+        for method, per_seed in runs.items():
+            merged.setdefault(method, []).extend(per_seed)
+    for method, per_seed in merged.items():
+        seeds = [run["seed"] for run in per_seed]
+        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+        if repeated:
+            raise ValueError(f"{method}: seed(s) {repeated} appear in more than one part")
+        per_seed.sort(key=lambda run: run["seed"])
+    return merged
+
+
+def read_parts(paths: Sequence[str], experiment: str) -> list[dict[str, Any]]:
+    """The JSON payloads at ``paths``, each checked to be a run of ``experiment``."""
+    payloads = []
+    for path in paths:
+        payload = json.loads(Path(path).read_text())
+        if payload.get("experiment") != experiment:
+            raise ValueError(
+                f"{path} holds {payload.get('experiment')!r}, not {experiment!r}: cannot merge"
+            )
+        payloads.append(payload)
+    return payloads
+
+
 def write_json(path: Path, payload: Any) -> None:
     """Write ``payload`` as JSON (non-finite floats as null), creating the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -371,21 +371,30 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         matrix.
         """
         # a_inv may be at the padded width of _padded_a (FOOF, K-FAC) or not (subclasses).
-        a = self._padded_a(layer) if a_inv.shape[0] != layer.d_in else self._captured(layer, "a")
-        e = self._captured(layer, "e")
-        batch = int(a.shape[0])
-        # The loss's gradient is Σ eᵀa / B for a mean loss and Σ eᵀa for a summed one.
-        alpha = 1.0 if self.capture.loss_reduction == "sum" else 1.0 / batch
-        rows = a.numel() // a.shape[-1]
-        d_in, d_out = int(a.shape[-1]), layer.d_out
+        rows, d_in, d_out = layer.rows, int(a_inv.shape[0]), layer.d_out
         output = 0 if g_inv is None else 1
         factored_cost = rows * (d_in * d_in + output * d_out * d_out + d_out * d_in)
         dense_cost = rows * d_out * d_in + d_out * d_in * d_in + output * d_out * d_out * d_in
+        if layer.kind == "conv2d" and factored_cost >= dense_cost:
+            # ∇W from the native convolution backward: no unfolded a on this step.
+            grad = self._gradient(layer)
+            if d_in != layer.d_in:
+                grad = torch.nn.functional.pad(grad, (0, d_in - layer.d_in))
+            return kron.precondition(grad, a_inv, g_inv, check_finite=False)
+        a = self._padded_a(layer) if d_in != layer.d_in else self._captured(layer, "a")
+        e = self._captured(layer, "e")
+        # The loss's gradient is Σ eᵀa / B for a mean loss and Σ eᵀa for a summed one.
+        alpha = 1.0 if self.capture.loss_reduction == "sum" else 1.0 / int(a.shape[0])
         if factored_cost < dense_cost:
             a_hat, e_hat = kron.precondition_captures(a, e, a_inv, g_inv, check_finite=False)
             return e_hat.reshape(rows, d_out), a_hat.reshape(rows, d_in), alpha
         step = kron.precondition_factored(a, e, a_inv, g_inv, check_finite=False)
-        return step if alpha != 1.0 else step * batch
+        return step if alpha != 1.0 else step * int(a.shape[0])
+
+    def _gradient(self, layer: LayerCapture) -> Tensor:
+        """``∇W = Σ_{i,t} e_itᵀ a_it / B`` (no ``1/B`` for a summed loss) of the layer in
+        ``factor_dtype``: ``(d_out, d_in[+1])`` (:meth:`LayerCapture.gradient`)."""
+        return layer.gradient(self.factor_dtype)
 
     def _inverse(self, layer: LayerCapture, matrix: Tensor, damping: Any, which: str) -> Tensor:
         """``kron.inverse(matrix, damping)``, retried with 10× more damping when the Cholesky
@@ -420,7 +429,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     f"{type(self).__name__} takes one forward/backward per step (call "
                     "zero_grad() before each forward)"
                 )
-            if layer.e is None:
+            if not layer.has_errors:
                 continue  # forward without backward through this layer
             active.append((index, layer))
         return active
@@ -429,7 +438,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if not self._needs_sampled_errors:
             return
         for index, layer in active:
-            if layer.e_sampled is None and self._factor_due(index):
+            if not layer.has_sampled_errors and self._factor_due(index):
                 raise RuntimeError(
                     f"layer {layer.name!r} has no sampled errors for its Fisher factor: the "
                     "sampled backward runs in the model's forward hook, so run the forward "
@@ -447,10 +456,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         # survive either).
         sums = []
         for _, layer in active:
-            sums.append(layer.a.sum(dtype=torch.float32))
-            sums.append(layer.e.sum(dtype=torch.float32))  # type: ignore[union-attr]
-            if self._needs_sampled_errors and layer.e_sampled is not None:
-                sums.append(layer.e_sampled.sum(dtype=torch.float32))
+            # On the raw records: a convolution's unfolded a is not built for a sum.
+            sums.append(layer.finite_sum(sampled=self._needs_sampled_errors))
         for p in self.param_groups[1]["params"]:
             if p.grad is not None:
                 sums.append(p.grad.sum(dtype=torch.float32))

@@ -464,16 +464,78 @@ class LayerCapture:
         :meth:`Capture.backward_sampled` (same layout as :attr:`e`; ``None`` if none ran)."""
         return self._errors("e_sampled", "sampled_errors")
 
-    def gradient(self) -> Tensor:
+    @property
+    def has_errors(self) -> bool:
+        """Whether every recorded call has its data-backward errors (no tensor is built)."""
+        calls = self._calls
+        return bool(calls) and all(call.errors is not None for call in calls)
+
+    @property
+    def has_sampled_errors(self) -> bool:
+        """Whether every recorded call has errors of a sampled / explicit-error backward."""
+        calls = self._calls
+        return bool(calls) and all(call.sampled_errors is not None for call in calls)
+
+    @property
+    def rows(self) -> int:
+        """``B·T``: the rows of :attr:`a` and :attr:`e` (``T`` = output positions of a
+        convolution, the flattened middle axes of a ``Linear``), from the recorded shapes —
+        without unfolding anything. Needs the data backward for a convolution."""
+        total = 0
+        for call in self._require_calls():
+            if self.kind == "linear":
+                shape = call.inputs.shape
+                total += math.prod(shape[:-1]) if len(shape) > 1 else 1
+            else:
+                if call.errors is None:
+                    raise RuntimeError(f"layer {self.name!r} has no errors: run the backward")
+                shape = call.errors.shape
+                total += (shape[0] if len(shape) == 4 else 1) * shape[-2] * shape[-1]
+        return total
+
+    def finite_sum(self, sampled: bool = False) -> Tensor:
+        """A float32 scalar that is finite only if the recorded inputs and the errors (of the
+        data backward, and of the sampled one with ``sampled=True``) all are — the finiteness
+        of :attr:`a` and :attr:`e` without building them (unfolding, padding with zeros and
+        the ones column change no finiteness)."""
+        parts = []
+        for call in self._require_calls():
+            parts.append(call.inputs.sum(dtype=torch.float32))
+            for errors in (call.errors, call.sampled_errors if sampled else None):
+                if errors is not None:
+                    parts.append(errors.sum(dtype=torch.float32))
+        return torch.stack(parts).sum()
+
+    def gradient(self, dtype: torch.dtype | None = None) -> Tensor:
         """The gradient of the back-propagated loss as a ``(d_out, d_in[+1])`` matrix:
         ``Σ_{i,t} e_itᵀ a_it / B`` for ``loss_reduction="mean"``, without the ``1/B`` for
-        ``"sum"`` — what ``[W.grad | b.grad]`` would hold."""
-        e = self.e
-        if e is None:
+        ``"sum"`` — what ``[W.grad | b.grad]`` would hold.
+
+        For a convolution the product is the native weight (and bias) backward of the
+        recorded input and output gradient: the same sum, without the unfolded ``a`` (whose
+        im2col and copies cost more than the convolution itself on a CPU). ``dtype``: the
+        result's (a ``Linear``'s captures are converted before the product); default the
+        captures' own."""
+        if not self.has_errors:
             raise RuntimeError(f"layer {self.name!r} has no errors: run the backward first")
-        a = self.a
         scale = 1.0 if self.capture.loss_reduction == "sum" else 1.0 / self.batch_size
-        return (e.reshape(-1, self.d_out).mT @ a.reshape(-1, self.d_in)) * scale
+        if self.kind == "linear":
+            e, a = self.e, self.a
+            if dtype is not None:
+                e, a = e.to(dtype), a.to(dtype)  # type: ignore[union-attr]
+            return (e.reshape(-1, self.d_out).mT @ a.reshape(-1, self.d_in)) * scale  # type: ignore[union-attr]
+        weight = self.module.weight.detach()
+        total = None
+        for call in self._calls:
+            _, grad_w, grad_b = self._backward(
+                call.errors, call.inputs, weight, (False, True, self.has_bias)
+            )
+            columns = grad_w.reshape(self.d_out, -1)
+            if grad_b is not None:
+                columns = torch.cat([columns, grad_b[:, None]], dim=1)
+            total = columns if total is None else total + columns
+        total = total * scale  # type: ignore[operator]
+        return total if dtype is None else total.to(dtype)
 
     def _clear(self) -> None:
         self._calls = []

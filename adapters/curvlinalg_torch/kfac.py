@@ -218,12 +218,8 @@ class KFAC(CurvatureOptimizer):
     ) -> Tensor | tuple[Tensor, Tensor, float]:
         if self.damping_rule == "factored":
             return self._kronecker_direction(layer, state["A_inv"], state["G_inv"])
-        a = self._captured(layer, "a")
-        e = self._captured(layer, "e")
-        alpha = 1.0 if self.capture.loss_reduction == "sum" else 1.0 / int(a.shape[0])
-        grad = (e.reshape(-1, layer.d_out).mT @ a.reshape(-1, layer.d_in)) * alpha
         return kron.eigen_solve(
-            grad,
+            self._gradient(layer),
             kron.Eigh(state["A_values"], state["A_vectors"]),
             kron.Eigh(state["G_values"], state["G_vectors"]),
             damping,

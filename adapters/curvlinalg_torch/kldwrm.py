@@ -382,13 +382,6 @@ class KLDWRM(KFAC):
 
     # ------------------------------------------------------------------ directions
 
-    def _gradient(self, layer: LayerCapture) -> Tensor:
-        """``g_k`` of the layer: ``Σ_{i,t} e_itᵀ a_it / B`` (``(d_out, d_in[+1])``)."""
-        a = self._captured(layer, "a")
-        e = self._captured(layer, "e")
-        alpha = 1.0 if self.capture.loss_reduction == "sum" else 1.0 / int(a.shape[0])
-        return (e.reshape(-1, layer.d_out).mT @ a.reshape(-1, layer.d_in)) * alpha
-
     def _direction(self, layer: LayerCapture, state: dict[str, Tensor], damping: Any) -> Tensor:
         """``d = −λ_k s_k`` (the base class applies ``θ ← θ − lr·d``, i.e. ``θ + s_k``)."""
         g = self._gradient(layer)

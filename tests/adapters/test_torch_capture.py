@@ -196,6 +196,10 @@ def test_per_example_gradients_conv_and_linear(variant: str, bias: bool, dtype: 
             assert_close(layer.a, a, TOL[dtype])
             assert_close(layer.e, e, TOL[dtype])
             assert layer.a.dtype == dtype and layer.e.dtype == dtype
+            # A convolution's gradient block comes from the native backward, not from a, e.
+            rows_a, rows_e = a.reshape(-1, a.shape[-1]), e.reshape(-1, e.shape[-1])
+            assert_close(layer.gradient(), rows_e.T @ rows_a / len(x), TOL[dtype])
+            assert layer.rows == rows_a.shape[0]
     for got, want in zip(actual, expected):
         assert_close(got, want, 10 * TOL[dtype])
 
@@ -255,6 +259,43 @@ def test_mean_and_sum_reductions_give_the_same_errors():
 # --------------------------------------------------------------------------------------
 # Gradients in .grad, the sampled backward, helpers
 # --------------------------------------------------------------------------------------
+
+
+def test_gradient_sums_over_calls_and_converts_dtype():
+    model = tiny_net()
+    x1, x2 = (
+        torch.randn(3, 2, 4, 4, dtype=torch.float64),
+        torch.randn(4, 2, 4, 4, dtype=torch.float64),
+    )
+    y1, y2 = torch.randint(0, 4, (3,)), torch.randint(0, 4, (4,))
+    with Capture(model, loss_reduction="sum") as cap:
+        (
+            F.cross_entropy(model(x1), y1, reduction="sum")
+            + F.cross_entropy(model(x2), y2, reduction="sum")
+        ).backward()
+        for layer in cap:
+            assert layer.calls == 2 and layer.has_errors and not layer.has_sampled_errors
+            rows_a = layer.a.reshape(-1, layer.d_in)
+            rows_e = layer.e.reshape(-1, layer.d_out)
+            assert_close(layer.gradient(), rows_e.T @ rows_a, 1e-12)
+            assert layer.gradient(torch.float32).dtype == torch.float32
+            assert torch.isfinite(layer.finite_sum())
+
+
+def test_finite_sum_sees_non_finite_inputs_and_errors():
+    model = tiny_net()
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    with Capture(model) as cap:
+        logits = model(x)
+        F.cross_entropy(logits, torch.randint(0, 4, (3,))).backward()
+        assert all(torch.isfinite(layer.finite_sum()) for layer in cap)
+        cap.layers[1]._calls[0].errors[0, 0] = float("nan")
+        assert not torch.isfinite(cap.layers[1].finite_sum())
+        assert torch.isfinite(cap.layers[0].finite_sum())
+    x[0, 0, 0, 0] = float("inf")
+    with Capture(model) as cap:
+        F.cross_entropy(model(x), torch.randint(0, 4, (3,))).backward()
+        assert not torch.isfinite(cap.layers[0].finite_sum())
 
 
 def test_weight_grads_skipped_by_default_and_restored_on_request():

@@ -179,6 +179,56 @@ def test_wide_layers_with_internal_padding_equal_hand_formulas(method: str):
     assert optimizer.factor(0, "A").shape == (131, 131)
 
 
+@pytest.mark.parametrize("method", ["foof", "kfac-factored", "kfac-exact"])
+def test_convolution_steps_equal_hand_formulas_without_unfolding_between_refreshes(method: str):
+    """A convolution's gradient comes from the native backward on steps that fold no factor
+    (its unfolded input is not built then); its d_in = 15·3·3 + 1 = 136 is padded to 144."""
+
+    def net() -> nn.Module:
+        torch.manual_seed(4)
+        return nn.Sequential(
+            nn.Conv2d(15, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 16, 3)
+        ).double()
+
+    generator = torch.Generator().manual_seed(9)
+    data = [
+        (
+            torch.randn(5, 15, 4, 4, generator=generator, dtype=torch.float64),
+            torch.randint(0, 3, (5,), generator=generator),
+        )
+        for _ in range(4)
+    ]
+    options = dict(lr=0.2, damping=0.1, momentum=0.5, ema_decay=0.7, update_every=2)
+    model, reference = net(), net()
+    if method == "foof":
+        optimizer = FOOF(model, factor_dtype=torch.float64, **options)
+        expected = reference_run(reference, data, method="foof", **options)
+    else:
+        rule = method.split("-")[1]
+        optimizer = KFAC(model, factor_dtype=torch.float64, damping_rule=rule, seed=2, **options)
+        expected = reference_run(
+            reference, data, method="kfac", fisher="mc", damping_rule=rule, seed=2, **options
+        )
+    layers = [m for _, m in capture.find_layers(model)]
+    conv_capture = optimizer.capture.layers[0]
+    unfold, unfolded, history = conv_capture._unfold, [], []
+
+    def counting_unfold(x):
+        unfolded[-1] = True
+        return unfold(x)
+
+    conv_capture._unfold = counting_unfold
+    for x, y in data:
+        unfolded.append(False)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        history.append([capture.parameters_to_matrix(m).numpy().copy() for m in layers])
+    assert unfolded == [True, False, True, False]
+    assert optimizer.factor(0, "A").shape == (136, 136)
+    assert_histories_close(history, expected)
+
+
 def test_remove_hooks_detaches_the_optimizer():
     model = tiny_net()
     optimizer = KFAC(model, lr=0.1, damping=1.0)

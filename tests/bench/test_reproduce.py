@@ -103,3 +103,73 @@ def test_reproduce_puiu_quick(tmp_path):
         assert _finite_curve(run["losses"]) and len(run["test_accuracy_per_epoch"]) == 2
     assert set(payload["table"]) == set(payload["runs"])
     assert (tmp_path / "puiu_table1.png").stat().st_size > 0
+
+
+def test_seed_range():
+    assert training.seed_range(0, 3) == [0, 1, 2]
+    assert training.seed_range(5, 1) == [5]
+    for first, count in ((-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match="seed"):
+            training.seed_range(first, count)
+
+
+def test_merge_runs_orders_seeds_and_refuses_repeats():
+    part_a = {"A": [{"seed": 2, "x": 20}], "B": [{"seed": 2, "x": 21}]}
+    part_b = {"A": [{"seed": 0, "x": 0}, {"seed": 1, "x": 10}], "C": [{"seed": 0, "x": 3}]}
+    merged = training.merge_runs([part_a, part_b])
+    assert list(merged) == ["A", "B", "C"]
+    assert [run["x"] for run in merged["A"]] == [0, 10, 20]
+    assert [run["seed"] for run in merged["B"]] == [2]
+    with pytest.raises(ValueError, match=r"A: seed\(s\) \[2\]"):
+        training.merge_runs([part_a, {"A": [{"seed": 2, "x": 0}]}])
+
+
+def test_read_parts_checks_the_experiment(tmp_path):
+    path = tmp_path / "part.json"
+    path.write_text(json.dumps({"experiment": "something else", "runs": {}}))
+    with pytest.raises(ValueError, match="cannot merge"):
+        training.read_parts([str(path)], reproduce_puiu.EXPERIMENT)
+
+
+@pytest.mark.smoke
+def test_reproduce_puiu_seed_parts_merge_into_one_table(tmp_path):
+    # Two single-seed processes and their merge equal one two-seed table (same seeds, so the
+    # same batches, labels and initialisations).
+    only = ("--only", "K-FAC,SO-KLD-WRM")
+    for seed in (0, 1):
+        _run("reproduce_puiu.py", tmp_path / f"s{seed}", *only, "--first-seed", str(seed))
+    parts = [str(tmp_path / f"s{seed}" / "puiu_table1.json") for seed in (0, 1)]
+    _run("reproduce_puiu.py", tmp_path / "merged", "--merge", *parts[::-1])
+    merged = json.loads((tmp_path / "merged" / "puiu_table1.json").read_text())
+    assert merged["seeds"] == [0, 1] and set(merged["runs"]) == {"K-FAC", "SO-KLD-WRM"}
+    single = [json.loads(open(part).read()) for part in parts]
+    for name, runs in merged["runs"].items():
+        assert [run["seed"] for run in runs] == [0, 1]
+        for run, part in zip(runs, single):
+            assert run["losses"] == part["runs"][name][0]["losses"]
+        accuracies = [100 * run["test_accuracy"] for run in runs]
+        assert merged["table"][name]["acc_mean"] == pytest.approx(sum(accuracies) / 2)
+    assert (tmp_path / "merged" / "puiu_table1.png").stat().st_size > 0
+
+
+@pytest.mark.smoke
+def test_reproduce_benzing_seed_parts_merge(tmp_path):
+    for seed in (0, 1):
+        _run(
+            "reproduce_benzing.py",
+            tmp_path / f"s{seed}",
+            *("--only", "SGD+momentum,FOOF T=1", "--first-seed", str(seed)),
+        )
+    parts = [str(tmp_path / f"s{seed}" / "benzing_mnist.json") for seed in (0, 1)]
+    _run("reproduce_benzing.py", tmp_path / "merged", "--merge", *parts)
+    merged = json.loads((tmp_path / "merged" / "benzing_mnist.json").read_text())
+    assert merged["seeds"] == [0, 1] and len(merged["merged_from"]) == 2
+    for name, runs in merged["runs"].items():
+        assert [run["seed"] for run in runs] == [0, 1]
+        losses = [run["train_loss"] for run in runs]
+        assert merged["summary"][name]["train_loss_mean"] == pytest.approx(sum(losses) / 2)
+    # A file of another experiment is refused rather than silently mixed in.
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"experiment": reproduce_puiu.EXPERIMENT, "runs": {}}))
+    with pytest.raises(subprocess.CalledProcessError):
+        _run("reproduce_benzing.py", tmp_path / "bad", "--merge", parts[0], str(other))
