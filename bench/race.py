@@ -7,6 +7,7 @@ Runs, as subprocesses with the same pinned threads (``--threads N`` to each scri
 * ``bench_torch_step.py``: FOOF and K-FAC step time vs ``torch.optim.SGD``, plus the ASDL /
   BackPACK peers of ``bench/peers.py`` when they import;
 * ``bench_torch_natural_gradient.py``: ``NaturalGradient`` step time vs ``torch.optim.SGD``;
+* ``bench_torch_conv_step.py``: K-FAC / FOOF / KLD-WRM step time on Puiu's CNN vs SGD;
 * ``bench_kron.py``: the Kronecker-factored solves against a plain GEMM;
 * ``bench_woodbury.py``: the implicit Woodbury natural gradient / Gram against materialised
   per-example gradients.
@@ -45,6 +46,7 @@ ROOT = BENCH.parent
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "torch_step": ("bench_torch_step.py", "torch_step.json"),
     "torch_natural_gradient": ("bench_torch_natural_gradient.py", "torch_natural_gradient.json"),
+    "torch_conv_step": ("bench_torch_conv_step.py", "torch_conv_step.json"),
     "kron": ("bench_kron.py", "kron.json"),
     "woodbury": ("bench_woodbury.py", "woodbury.json"),
 }
@@ -316,6 +318,30 @@ def woodbury_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def conv_step_table(results: dict[str, Any]) -> list[str]:
+    data = results.get("torch_conv_step")
+    if not data:
+        return ["_no result (bench_torch_conv_step.py did not write its JSON)_"]
+    args = data["args"]
+    lines = [
+        f"Puiu's MNIST CNN (4712 parameters), batch {args['batch']}, float32, threads "
+        f"{args['threads']}, torch {data['torch']}, {args['rounds']} rounds (+{args['warmup']} "
+        "warm-up), wall clock; no momentum, empirical Fisher, factors and inverses every `u` "
+        "steps. `round ratio`: median [IQR] of the per-round ratios to SGD.",
+        "",
+        "| entry | median ms [IQR] | ratio to SGD | round ratio [IQR] |",
+        "|---|---|---|---|",
+    ]
+    for row in data["rows"]:
+        q1, q3 = row["iqr_ms"]
+        r1, rm, r3 = row["round_ratio"]
+        lines.append(
+            f"| {row['name']} | {fmt(row['median_ms'])} [{fmt(q1)}, {fmt(q3)}] "
+            f"| {fmt(row['ratio'])} | {fmt(rm)} [{fmt(r1)}, {fmt(r3)}] |"
+        )
+    return lines
+
+
 def build_markdown(
     results: dict[str, Any], runs: dict[str, dict[str, Any]], quick: bool, figure: str | None
 ) -> str:
@@ -341,6 +367,7 @@ def build_markdown(
             "NaturalGradient step time vs SGD (`bench_torch_natural_gradient.py`)",
             natural_gradient_table,
         ),
+        ("Curvature steps on a small CNN vs SGD (`bench_torch_conv_step.py`)", conv_step_table),
         ("Kronecker-factored solves vs GEMM (`bench_kron.py`)", kron_table),
         ("Woodbury natural gradient vs materialised (`bench_woodbury.py`)", woodbury_table),
     )
@@ -483,6 +510,12 @@ def main(argv: list[str] | None = None) -> int:
         "--skip", default="", help=f"comma-separated benchmarks to skip: {', '.join(BENCHMARKS)}"
     )
     parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated benchmarks to (re-)run, keeping the other benchmarks' results "
+        "and run records already in --out (to add or redo one benchmark of a full run)",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="run nothing: rebuild race.md / race.png from the JSON already in --out",
@@ -491,19 +524,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1:
         parser.error("--threads must be positive")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    if skip - set(BENCHMARKS):
-        parser.error(f"unknown benchmark(s) in --skip: {', '.join(sorted(skip - set(BENCHMARKS)))}")
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    for option, names in (("--skip", skip), ("--only", only)):
+        if names - set(BENCHMARKS):
+            parser.error(
+                f"unknown benchmark(s) in {option}: {', '.join(sorted(names - set(BENCHMARKS)))}"
+            )
+    if skip and only:
+        parser.error("--skip and --only exclude each other")
     out = args.out or (BENCH / "results" / ("tmp/race" if args.quick else "race"))
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     runs: dict[str, dict[str, Any]] = {}
+    records = out / "race_runs.json"
     if not args.report_only:
-        for _, json_name in BENCHMARKS.values():  # skipped ones too: nothing stale is reported
-            (out / json_name).unlink(missing_ok=True)
-        runs = run_all([n for n in BENCHMARKS if n not in skip], out, args.threads, args.quick)
-        (out / "race_runs.json").write_text(json.dumps(runs, indent=2))
-    elif (out / "race_runs.json").exists():
-        runs = json.loads((out / "race_runs.json").read_text())
+        chosen = [n for n in BENCHMARKS if (n in only if only else n not in skip)]
+        kept = {}
+        if only and records.exists():
+            kept = {k: v for k, v in json.loads(records.read_text()).items() if k not in only}
+        for name, (_, json_name) in BENCHMARKS.items():
+            # Skipped ones too (nothing stale is reported), except what --only keeps.
+            if name in chosen or not only:
+                (out / json_name).unlink(missing_ok=True)
+        fresh = run_all(chosen, out, args.threads, args.quick)
+        merged = {**kept, **fresh}
+        runs = {name: merged[name] for name in BENCHMARKS if name in merged}
+        records.write_text(json.dumps(runs, indent=2))
+    elif records.exists():
+        runs = json.loads(records.read_text())
     md, png = write_report(out, runs)
     print(f"wrote {md}" + (f" and {png}" if png.exists() else " (no torch entry: no figure)"))
     print(f"total {time.perf_counter() - started:.1f} s")

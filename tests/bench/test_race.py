@@ -1,10 +1,11 @@
 """bench/race.py: the commands it runs and the tables / figure it builds.
 
-``race.py --quick`` runs four benchmarks end to end and takes minutes on the shared 2-core
+``race.py --quick`` runs five benchmarks end to end and takes minutes on the shared 2-core
 machine (well over a minute even single-threaded), too slow for the test suite. The report
 functions are tested instead on the JSON that a real ``race.py --quick --threads 1`` run wrote
 (tests/bench/data/race_quick/; ASDL and BackPACK were installed, so the peers' entries are in
-it). The torch JSON files are copied unchanged; kron.json and woodbury.json keep their ``args``
+it; torch_conv_step.json was added later from ``bench_torch_conv_step.py --quick --threads 1``).
+The torch JSON files are copied unchanged; kron.json and woodbury.json keep their ``args``
 and only the result entries that race.py reads, values untouched."""
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def test_markdown_has_every_entry_and_headline(results):
     for r in woodbury:
         assert f"| {r['backend']} | {r['name']} |" in text
         assert f"{r['speedup']:.0f}×" in text
+    for row in results["torch_conv_step"]["rows"]:
+        assert f"| {row['name']} |" in text and f"| {row['ratio']:.2f} |" in text
     assert "not applicable to this --quick run" in text
     assert "![step time / SGD](race.png)" in text
 
@@ -135,3 +138,29 @@ def test_figure_needs_a_torch_entry(tmp_path, results):
     only_core = {k: results[k] for k in ("kron", "woodbury")}
     assert not race.build_figure(only_core, tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_only_reruns_one_benchmark_and_keeps_the_others(tmp_path, monkeypatch):
+    for path in DATA.glob("*.json"):
+        shutil.copy(path, tmp_path / path.name)
+    kept = json.loads((DATA / "race_runs.json").read_text())
+    (tmp_path / "torch_conv_step.json").unlink()
+    ran = []
+
+    def fake_run_all(names, out, threads, quick):
+        ran.extend(names)
+        shutil.copy(DATA / "torch_conv_step.json", out / "torch_conv_step.json")
+        return {name: {"command": f"run {name}", "returncode": 0, "wall_s": 1.0} for name in names}
+
+    monkeypatch.setattr(race, "run_all", fake_run_all)
+    assert race.main(["--only", "torch_conv_step", "--out", str(tmp_path)]) == 0
+    assert ran == ["torch_conv_step"]
+    runs = json.loads((tmp_path / "race_runs.json").read_text())
+    assert runs["torch_conv_step"]["command"] == "run torch_conv_step"
+    for name, record in kept.items():
+        assert runs[name] == record
+        assert (tmp_path / race.BENCHMARKS[name][1]).exists()
+    text = (tmp_path / "race.md").read_text()
+    assert "| torch_conv_step | 0 | 1.0 |" in text and "| kfac u=30 |" in text
+    with pytest.raises(SystemExit):
+        race.main(["--only", "kron", "--skip", "woodbury", "--out", str(tmp_path)])
