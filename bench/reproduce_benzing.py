@@ -149,14 +149,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "both"])
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seeds", type=int, default=3, help="seeds F … F+N−1")
-    parser.add_argument("--first-seed", type=int, default=0, help="F (default 0)")
-    parser.add_argument(
-        "--merge",
-        nargs="+",
-        metavar="JSON",
-        help="run nothing: join main-run JSON files (one per seed range) into --out",
-    )
+    training.add_seed_arguments(parser, 3, "main-run JSON")
     parser.add_argument("--timing", action="store_true", help="Fig 4A: seconds per epoch")
     parser.add_argument("--timing-epochs", type=int, default=1)
     parser.add_argument("--full-batch", action="store_true", help="Fig 1D: 1000 images")

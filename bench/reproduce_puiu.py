@@ -102,14 +102,7 @@ def puiu_cnn(seed: int) -> Any:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--seeds", type=int, default=10, help="seeds F … F+N−1")
-    parser.add_argument("--first-seed", type=int, default=0, help="F (default 0)")
-    parser.add_argument(
-        "--merge",
-        nargs="+",
-        metavar="JSON",
-        help="run nothing: join puiu_table1.json files (one per seed range) into --out",
-    )
+    training.add_seed_arguments(parser, 10, "puiu_table1.json")
     parser.add_argument("--fisher", default="empirical", choices=["empirical", "mc"])
     parser.add_argument("--q-solver", default="exact", choices=["exact", "summed_factors"])
     parser.add_argument(

@@ -203,6 +203,19 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def add_seed_arguments(parser: Any, default_seeds: int, merged: str) -> None:
+    """``--seeds N``, ``--first-seed F`` (seeds F … F+N−1) and ``--merge JSON…`` (join the
+    ``merged`` files of runs over other seed ranges, running nothing)."""
+    parser.add_argument("--seeds", type=int, default=default_seeds, help="seeds F … F+N−1")
+    parser.add_argument("--first-seed", type=int, default=0, help="F (default 0)")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help=f"run nothing: join {merged} files (one per seed range or method) into --out",
+    )
+
+
 def seed_range(first: int, count: int) -> list[int]:
     """Seeds ``first … first + count − 1``: a long reproduction split over processes (one
     seed each, ``--first-seed s --seeds 1``) runs exactly the seeds of one long run."""

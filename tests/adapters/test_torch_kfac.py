@@ -150,6 +150,20 @@ def test_argument_validation_and_output_shape():
         model(torch.randn(2, 3, dtype=torch.float64))
 
 
+def _optimizer_and_reference(method: str, model: nn.Module, reference: nn.Module, data, options):
+    """``method`` ("foof", "kfac-factored", "kfac-exact") on ``model`` (float64 factors), and
+    the hand-formula history of the same run on ``reference`` (an identical copy)."""
+    if method == "foof":
+        optimizer = FOOF(model, factor_dtype=torch.float64, **options)
+        return optimizer, reference_run(reference, data, method="foof", **options)
+    rule = method.split("-")[1]
+    optimizer = KFAC(model, factor_dtype=torch.float64, damping_rule=rule, seed=2, **options)
+    expected = reference_run(
+        reference, data, method="kfac", fisher="mc", damping_rule=rule, seed=2, **options
+    )
+    return optimizer, expected
+
+
 @pytest.mark.parametrize("method", ["foof", "kfac-factored", "kfac-exact"])
 def test_wide_layers_with_internal_padding_equal_hand_formulas(method: str):
     """Widths ≥ 128 are zero-padded to a multiple of 16 inside the optimizer (131 → 144);
@@ -165,16 +179,8 @@ def test_wide_layers_with_internal_padding_equal_hand_formulas(method: str):
         for _ in range(3)
     ]
     options = dict(lr=0.3, damping=0.05, momentum=0.9, weight_decay=1e-2, ema_decay=0.8)
-    model, reference = net(), net()
-    if method == "foof":
-        optimizer = FOOF(model, factor_dtype=torch.float64, **options)
-        expected = reference_run(reference, data, method="foof", **options)
-    else:
-        rule = method.split("-")[1]
-        optimizer = KFAC(model, factor_dtype=torch.float64, damping_rule=rule, seed=2, **options)
-        expected = reference_run(
-            reference, data, method="kfac", fisher="mc", damping_rule=rule, seed=2, **options
-        )
+    model = net()
+    optimizer, expected = _optimizer_and_reference(method, model, net(), data, options)
     assert_histories_close(run(optimizer, model, data), expected)
     assert optimizer.factor(0, "A").shape == (131, 131)
 
@@ -199,16 +205,8 @@ def test_convolution_steps_equal_hand_formulas_without_unfolding_between_refresh
         for _ in range(4)
     ]
     options = dict(lr=0.2, damping=0.1, momentum=0.5, ema_decay=0.7, update_every=2)
-    model, reference = net(), net()
-    if method == "foof":
-        optimizer = FOOF(model, factor_dtype=torch.float64, **options)
-        expected = reference_run(reference, data, method="foof", **options)
-    else:
-        rule = method.split("-")[1]
-        optimizer = KFAC(model, factor_dtype=torch.float64, damping_rule=rule, seed=2, **options)
-        expected = reference_run(
-            reference, data, method="kfac", fisher="mc", damping_rule=rule, seed=2, **options
-        )
+    model = net()
+    optimizer, expected = _optimizer_and_reference(method, model, net(), data, options)
     layers = [m for _, m in capture.find_layers(model)]
     conv_capture = optimizer.capture.layers[0]
     unfold, unfolded, history = conv_capture._unfold, [], []
