@@ -147,6 +147,41 @@ def _output_factor(e: Array, batch: int, axis_name: Any) -> Array:
     return _pmean(factor, axis_name)
 
 
+class _StepStart(NamedTuple):
+    infos: list[layout.LayerInfo]
+    batch: Any
+    updates: Any
+    count: Array
+    accumulate: Array
+    refresh: Array
+
+
+def _begin_step(
+    name: str,
+    updates: Any,
+    count: Array,
+    captures: Any,
+    layers: Any,
+    axis_name: Any,
+    period: int,
+    window: int,
+) -> _StepStart:
+    """What the update of every factor-averaging transformation starts with: the captured
+    layers of ``updates``, their validated ``captures``, the updates averaged over
+    ``axis_name``, the step count, and whether this step folds its captures into the factor
+    averages (``accumulate``) and refreshes the preconditioners (``refresh``)."""
+    infos = layout.find_layers(updates, layers)
+    batch = validated_captures(captures, infos, name)
+    return _StepStart(
+        infos,
+        batch,
+        _pmean(updates, axis_name),
+        count,
+        schedule.accumulate_due(count, period, window),
+        schedule.refresh_due(count, period),
+    )
+
+
 def _zeros_like_info(info: layout.LayerInfo, size: int) -> Array:
     return jnp.zeros((size, size), info.dtype)
 
@@ -223,12 +258,9 @@ def foof(
         **extra_args: Any,
     ) -> tuple[Any, FoofState]:
         del params, extra_args
-        infos = layout.find_layers(updates, layers)
-        batch = validated_captures(captures, infos, "foof")
-        updates = _pmean(updates, axis_name)
-        count = state.count
-        accumulate = schedule.accumulate_due(count, period, window)
-        refresh = schedule.refresh_due(count, period)
+        infos, batch, updates, count, accumulate, refresh = _begin_step(
+            "foof", updates, state.count, captures, layers, axis_name, period, window
+        )
         gradients = None if factored_gradient else layout.layer_matrices(updates, infos, "updates")
         factors, inverses, directions = {}, {}, []
         for index, info in enumerate(infos):
@@ -351,12 +383,9 @@ def kfac(
         **extra_args: Any,
     ) -> tuple[Any, KfacState]:
         del params, extra_args
-        infos = layout.find_layers(updates, layers)
-        batch = validated_captures(captures, infos, "kfac")
-        updates = _pmean(updates, axis_name)
-        count = state.count
-        accumulate = schedule.accumulate_due(count, period, window)
-        refresh = schedule.refresh_due(count, period)
+        infos, batch, updates, count, accumulate, refresh = _begin_step(
+            "kfac", updates, state.count, captures, layers, axis_name, period, window
+        )
         gradients = None if factored_gradient else layout.layer_matrices(updates, infos, "updates")
         a_factors, g_factors, a_pre, g_pre, directions = {}, {}, {}, {}, []
         for index, info in enumerate(infos):
@@ -644,12 +673,9 @@ def kldwrm(
         **extra_args: Any,
     ) -> tuple[Any, KldwrmState]:
         del params, extra_args
-        infos = layout.find_layers(updates, layers)
-        batch = validated_captures(captures, infos, "kldwrm")
-        updates = _pmean(updates, axis_name)
-        count = state.count
-        accumulate = schedule.accumulate_due(count, period, window)
-        refresh = schedule.refresh_due(count, period)
+        infos, batch, updates, count, accumulate, refresh = _begin_step(
+            "kldwrm", updates, state.count, captures, layers, axis_name, period, window
+        )
         dtype = infos[0].dtype
         lam = 1 / rate_at(count, dtype)
         # At step 0 the previous gradients are zero, so λ_{−1} only needs to be positive.
