@@ -5,9 +5,12 @@ each ``curvlinalg_jax`` transformation chained with ``optax.sgd``; SGD's learnin
 tuned over a grid and the best run is reported. Every step is one jitted function (capture,
 precondition, update), and a whole run is one ``jax.lax.scan``.
 
-    .venv/bin/python bench/example_jax.py                 # 2000 images, 200 steps
-    .venv/bin/python bench/example_jax.py --steps 100     # shorter
-    MNIST_NPZ=/path/to/mnist.npz .venv/bin/python bench/example_jax.py
+    .venv/bin/python bench/example_jax.py                     # 2000 images, 200 steps
+    .venv/bin/python bench/example_jax.py --steps 100         # shorter
+    .venv/bin/python bench/example_jax.py --dataset mnist     # full MNIST's first images
+
+The images come from ``bench/data.py``: by default the MNIST subset shipped in the repository
+(no download), standardised with the training images' mean and standard deviation.
 
 Prints the training loss (on all images) after 25%, 50%, 100% of the steps for each
 optimizer, and the ratio of SGD's best final loss to each optimizer's.
@@ -16,8 +19,7 @@ optimizer, and the ratio of SGD's best final loss to each optimizer's.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,29 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-MNIST_SHA256 = "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import data  # noqa: E402  (bench/data.py: verified local files, the embedded subset)
+
 CE = optax.softmax_cross_entropy_with_integer_labels
-
-
-def mnist_path() -> Path:
-    """``$MNIST_NPZ``, else ``../shared/data/mnist.npz`` from the project root."""
-    if "MNIST_NPZ" in os.environ:
-        return Path(os.environ["MNIST_NPZ"])
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
-
-
-def load_mnist(count: int, path: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``count`` training images, flattened and normalised with MNIST's mean/std,
-    after checking the file's sha256."""
-    path = path or mnist_path()
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != MNIST_SHA256:
-        raise ValueError(f"{path} has sha256 {digest}, expected {MNIST_SHA256}")
-    with np.load(path, allow_pickle=False) as archive:
-        images = archive["x_train"][:count].reshape(count, -1).astype(np.float32) / 255
-        labels = archive["y_train"][:count].astype(np.int32)
-    return (images - 0.1307) / 0.3081, labels
 
 
 class Mlp(nn.Module):
@@ -90,9 +73,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--dataset", default="mnist-subset", choices=data.NAMES)
     args = parser.parse_args()
 
-    images, labels = (jnp.asarray(v) for v in load_mnist(args.images))
+    x_train, y_train, _, _ = data.load(args.dataset, train_size=args.images, test_size=1)
+    images, labels = jnp.asarray(x_train), jnp.asarray(y_train.astype(np.int32))
     params = jax.jit(Mlp().init)(jax.random.key(0), images[:1])["params"]
     key = jax.random.key(1)
     run = jax.jit(train, static_argnames=("tx", "model", "steps", "batch", "fisher"))
@@ -107,7 +92,10 @@ def main() -> None:
         print(f"{name:<30} " + "  ".join(f"{m:9.4f}" for m in marks) + f"   ({seconds:.1f} s)")
         return losses[-1]
 
-    print(f"MNIST {args.images} images, batch {args.batch}, {args.steps} steps; training loss")
+    print(
+        f"{args.dataset}: {args.images} images, batch {args.batch}, {args.steps} steps; "
+        "training loss"
+    )
     print(f"{'optimizer':<30} {'25%':>9}  {'50%':>9}  {'100%':>9}")
     sgd = {}
     for lr in (0.03, 0.1, 0.3, 1.0):
