@@ -129,11 +129,16 @@ def locate(name: str) -> Path:
 
 
 def load(
-    name: str = "mnist-subset", *, train_size: int | None = None, test_size: int | None = None
+    name: str = "mnist-subset",
+    *,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    standardise: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(x_train, y_train, x_test, y_test)``: float32 ``(N, 784)`` images standardised with
     the training split's statistics (both splits alike), int64 labels. ``train_size`` /
-    ``test_size`` keep the first examples of each split."""
+    ``test_size`` keep the first examples of each split. ``standardise=False``: pixels / 255
+    only (in [0, 1]), e.g. to evaluate as code that forgot to normalise its test images."""
     with np.load(locate(name), allow_pickle=False) as archive:
         x_train, y_train = archive["x_train"], archive["y_train"]
         x_test, y_test = archive["x_test"], archive["y_test"]
@@ -143,6 +148,8 @@ def load(
         x_test, y_test = x_test[:test_size], y_test[:test_size]
     x_train = x_train.reshape(len(x_train), -1).astype(np.float32) / 255.0
     x_test = x_test.reshape(len(x_test), -1).astype(np.float32) / 255.0
+    if not standardise:
+        return x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64)
     mean, std = float(x_train.mean()), float(x_train.std())
     return (
         (x_train - mean) / std,

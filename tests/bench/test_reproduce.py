@@ -101,6 +101,11 @@ def test_reproduce_puiu_quick(tmp_path):
     for runs in payload["runs"].values():
         (run,) = runs
         assert _finite_curve(run["losses"]) and len(run["test_accuracy_per_epoch"]) == 2
+        # Also measured as Puiu's code did, on test images left unnormalised.
+        assert len(run["unnormalised_test_accuracy_per_epoch"]) == 2
+        assert 0.0 <= run["unnormalised_test_accuracy"] <= 1.0
+        assert run["unnormalised_test_loss"] != run["test_loss"]
+    assert set(payload["table_unnormalised_test"]) == set(payload["runs"])
     assert set(payload["table"]) == set(payload["runs"])
     assert (tmp_path / "puiu_table1.png").stat().st_size > 0
 
