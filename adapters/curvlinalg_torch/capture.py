@@ -394,15 +394,18 @@ class LayerCapture:
         if cached is None:
             parts = []
             for call in self._require_calls():
-                if call.inputs._version != call.version:
-                    raise RuntimeError(
-                        f"the input of layer {self.name!r} was modified in place after the "
-                        "forward pass; its captured a would be wrong"
-                    )
+                self._check_unmodified(call)
                 parts.append(self._unfold(call.inputs))
             cached = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
             self._cache["a"] = cached
         return cached
+
+    def _check_unmodified(self, call: _Call) -> None:
+        if call.inputs._version != call.version:
+            raise RuntimeError(
+                f"the input of layer {self.name!r} was modified in place after the forward "
+                "pass; its captured a (and gradient) would be wrong"
+            )
 
     def _unfold(self, x: Tensor) -> Tensor:
         module = self.module
@@ -534,6 +537,7 @@ class LayerCapture:
         weight = self.module.weight.detach()
         total = None
         for call in self._calls:
+            self._check_unmodified(call)
             _, grad_w, grad_b = self._backward(
                 call.errors, call.inputs, weight, (False, True, self.has_bias)
             )

@@ -406,6 +406,14 @@ def test_inplace_activation_after_layer_and_inplace_input_detection():
         inputs.mul_(2)  # modifies the recorded input of layer 0
         with pytest.raises(RuntimeError, match="modified in place"):
             _ = cap.layers[0].a
+    # A convolution's gradient does not read a, and checks the same.
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 2)).double()
+    inputs = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    with Capture(conv) as cap:
+        F.cross_entropy(conv(inputs), torch.randint(0, 2, (4,))).backward()
+        inputs.add_(1)
+        with pytest.raises(RuntimeError, match="modified in place"):
+            cap.layers[0].gradient()
 
 
 def test_no_recording_without_grad_or_when_disabled():
