@@ -367,16 +367,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         Factored as ``(ẽ, ã, 1/B)`` (``kron.precondition_captures``; the optimizer fuses
         ``ẽᵀã/B`` into its update) when that order needs fewer multiplications — the same
-        count as ``kron.precondition_factored`` — else ``kron.precondition_factored``'s
-        matrix.
+        count as ``kron.precondition_factored`` — else ``kron.precondition`` of the layer's
+        gradient matrix (:meth:`_gradient`; a convolution's needs no unfolded ``a``).
         """
         # a_inv may be at the padded width of _padded_a (FOOF, K-FAC) or not (subclasses).
         rows, d_in, d_out = layer.rows, int(a_inv.shape[0]), layer.d_out
         output = 0 if g_inv is None else 1
         factored_cost = rows * (d_in * d_in + output * d_out * d_out + d_out * d_in)
         dense_cost = rows * d_out * d_in + d_out * d_in * d_in + output * d_out * d_out * d_in
-        if layer.kind == "conv2d" and factored_cost >= dense_cost:
-            # ∇W from the native convolution backward: no unfolded a on this step.
+        if factored_cost >= dense_cost:
+            # ∇W first (a convolution's from its native backward: no unfolded a this step).
             grad = self._gradient(layer)
             if d_in != layer.d_in:
                 grad = torch.nn.functional.pad(grad, (0, d_in - layer.d_in))
@@ -385,11 +385,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         e = self._captured(layer, "e")
         # The loss's gradient is Σ eᵀa / B for a mean loss and Σ eᵀa for a summed one.
         alpha = 1.0 if self.capture.loss_reduction == "sum" else 1.0 / int(a.shape[0])
-        if factored_cost < dense_cost:
-            a_hat, e_hat = kron.precondition_captures(a, e, a_inv, g_inv, check_finite=False)
-            return e_hat.reshape(rows, d_out), a_hat.reshape(rows, d_in), alpha
-        step = kron.precondition_factored(a, e, a_inv, g_inv, check_finite=False)
-        return step if alpha != 1.0 else step * int(a.shape[0])
+        a_hat, e_hat = kron.precondition_captures(a, e, a_inv, g_inv, check_finite=False)
+        return e_hat.reshape(rows, d_out), a_hat.reshape(rows, d_in), alpha
 
     def _gradient(self, layer: LayerCapture) -> Tensor:
         """``∇W = Σ_{i,t} e_itᵀ a_it / B`` (no ``1/B`` for a summed loss) of the layer in
