@@ -39,6 +39,8 @@ __all__ = [
     "eigh",
     "generalized_eigh",
     "eigen_solve",
+    "eigen_correction",
+    "corrected_solve",
     "sum_eigen_solve",
     "sum_solve",
 ]
@@ -465,6 +467,166 @@ def eigen_solve(
         xp, damping, grad
     )
     _positive_denominator(xp, denominator, "A⊗G + damping·I")
+    return _diagonal_solve(xp, grad, a_eigh.vectors, g_eigh.vectors, denominator)
+
+
+# --------------------------------------------------------------------------------------
+# Eigenvalue correction (EK-FAC)
+# --------------------------------------------------------------------------------------
+
+# Per-example quantities (rotated gradients, position-pair products) are formed in chunks of
+# examples holding at most this many elements, so memory stays bounded for any batch.
+_CHUNK_ELEMENTS = 2**22
+
+# Cost, in multiply-adds, of writing and re-reading one element of a materialised
+# per-example gradient: its rank-T product runs at memory speed, not at matmul speed, so
+# the position-pair contraction (one large matmul, T² more multiply-adds) wins for small T.
+# Calibrated by bench/bench_ekfac.py (the T > 1 crossover).
+_MATERIALIZE_WEIGHT = 8
+
+
+def _correction_method(method: str, positions: int, d_in: int, d_out: int) -> str:
+    """Resolve ``method`` for per-example squared rotated gradients of one layer."""
+    if method == "auto":
+        # Per example: T² position pairs, each a d_out×d_in rank-one term, against forming
+        # the rotated gradient (T rank-one terms) and touching it.
+        pairs = positions * positions * (d_in * d_out + d_in + d_out)
+        explicit = (positions + _MATERIALIZE_WEIGHT) * d_in * d_out
+        return "pairs" if pairs <= explicit else "explicit"
+    if method in ("explicit", "pairs"):
+        return method
+    raise ValueError(f"method must be 'auto', 'explicit' or 'pairs'; got {method!r}")
+
+
+def _chunks(batch: int, per_example: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` ranges of examples whose per-example data fit in the budget."""
+    size = max(1, _CHUNK_ELEMENTS // max(per_example, 1))
+    return [(start, min(start + size, batch)) for start in range(0, batch, size)]
+
+
+def _position_pairs(xp: Any, x: Array) -> Array:
+    """``(b, T, d)`` → ``(b·T², d)``: the rows ``x_it ∘ x_is`` for every pair ``(t, s)``."""
+    count, positions, width = (int(size) for size in x.shape)
+    products = x[:, :, None, :] * x[:, None, :, :]
+    return xp.reshape(products, (count * positions * positions, width))
+
+
+def _with_positions(x: Array) -> Array:
+    return x[:, None, :] if x.ndim == 2 else x
+
+
+def eigen_correction(
+    a: Array,
+    e: Array,
+    a_eigh: Eigh,
+    g_eigh: Eigh,
+    *,
+    method: str = "auto",
+    check_finite: bool = True,
+) -> Array:
+    r"""EK-FAC's corrected eigenvalues: the Fisher's diagonal in the Kronecker eigenbasis.
+
+    ``S = (1/B) Σ_i (U_Gᵀ g_i U_A) ∘ (U_Gᵀ g_i U_A)`` with ``g_i = Σ_t e_itᵀ a_it``, i.e. the
+    diagonal of ``Qᵀ F Q`` for ``F = (1/B) Σ_i vec(g_i) vec(g_i)ᵀ`` and ``Q = U_A ⊗ U_G``
+    (George et al. 2018), ``S[o, j]`` belonging to the eigenvector ``U_A[:, j] ⊗ U_G[:, o]``.
+
+    No per-example gradient of the batch is formed. The captures are rotated once,
+    ``Ã = a U_A`` and ``Ẽ = e U_G``; for ``(B, d)`` captures ``S = (1/B)·(Ẽ∘Ẽ)ᵀ(Ã∘Ã)``, cost
+    ``B(d_in² + d_out² + d_in·d_out)``. For ``(B, T, d)`` captures ``S`` is exact, from
+    either
+
+    * ``"pairs"``: ``S = (1/B) Σ_i Σ_{t,s} (Ẽ_it∘Ẽ_is)ᵀ (Ã_it∘Ã_is)``, one matmul over
+      position pairs (``B·T²·d_in·d_out``), or
+    * ``"explicit"``: the rotated per-example gradients ``Ẽ_iᵀ Ã_i`` squared and summed,
+      formed a chunk of examples at a time (``B·T·d_in·d_out`` plus the memory traffic).
+
+    ``method="auto"`` picks by that cost model (``"pairs"`` for ``(B, d)`` captures and
+    small ``T``); both give the same ``S`` up to rounding.
+
+    ``a``: ``(B, d_in)`` or ``(B, T, d_in)`` (bias column included by the caller, as for
+    :func:`factor`); ``e``: ``(B, d_out)`` or ``(B, T, d_out)``; ``a_eigh``, ``g_eigh``: the
+    :class:`Eigh` of the input and output factors (any orthonormal eigenbases). Returns
+    ``(d_out, d_in)``, non-negative.
+    """
+    xp = _backend.namespace(("a", a), ("e", e), ("a_eigh", a_eigh[1]), ("g_eigh", g_eigh[1]))
+    _flatten_captures(xp, a, e)
+    d_in, d_out = int(a.shape[-1]), int(e.shape[-1])
+    _check_eigh("a_eigh", a_eigh, d_in, "a's d_in")
+    _check_eigh("g_eigh", g_eigh, d_out, "e's d_out")
+    _checks.same_dtype([("a", a), ("a_eigh", a_eigh[1]), ("g_eigh", g_eigh[1])])
+    if check_finite:
+        _checks.finite(xp, "a", a)
+        _checks.finite(xp, "e", e)
+    batch = int(a.shape[0])
+    positions = 1 if a.ndim == 2 else int(a.shape[1])
+    method = _correction_method(method, positions, d_in, d_out)
+    rotated_a = _with_positions(a @ a_eigh.vectors)
+    rotated_e = _with_positions(e @ g_eigh.vectors)
+    total = None
+    if method == "pairs":
+        for start, stop in _chunks(batch, positions * positions * (d_in + d_out)):
+            part = xp.matrix_transpose(
+                _position_pairs(xp, rotated_e[start:stop, ...])
+            ) @ _position_pairs(xp, rotated_a[start:stop, ...])
+            total = part if total is None else total + part
+        # Σ_{t,s} x_t x_s = (Σ_t x_t)² ≥ 0 exactly; rounding can leave tiny negatives.
+        total = xp.where(total < 0, xp.zeros_like(total), total)
+    else:
+        for start, stop in _chunks(batch, d_in * d_out):
+            rotated = xp.matrix_transpose(rotated_e[start:stop, ...]) @ rotated_a[start:stop, ...]
+            part = xp.sum(rotated * rotated, axis=0)
+            total = part if total is None else total + part
+    return total / batch
+
+
+def corrected_solve(
+    grad: Array,
+    a_eigh: Eigh,
+    g_eigh: Eigh,
+    correction: Array,
+    damping: float | Array,
+    *,
+    check_finite: bool = True,
+) -> Array:
+    r"""EK-FAC solve ``mat((Q diag(S) Qᵀ + damping·I)⁻¹ vec(grad))`` with ``Q = U_A ⊗ U_G``.
+
+    ``= U_G [(U_Gᵀ grad U_A) ⊘ (S + damping)] U_Aᵀ`` with ``S = correction`` from
+    :func:`eigen_correction` (``S[o, j]`` the eigenvalue of ``U_A[:, j] ⊗ U_G[:, o]``). With
+    ``S = s_G s_Aᵀ``, the factors' own eigenvalues, it is :func:`eigen_solve`.
+
+    ``grad``: ``(..., d_out, d_in)`` (leading batch axes allowed); ``a_eigh``, ``g_eigh``:
+    :class:`Eigh` of the input (``d_in``) and output (``d_out``) factors; ``correction``:
+    ``(d_out, d_in)``; ``damping ≥ 0``. Raises :class:`NotPositiveDefiniteError` when some
+    ``correction + damping ≤ 0``. Returns ``grad``'s shape.
+    """
+    xp = _backend.namespace(
+        ("grad", grad),
+        ("a_eigh", a_eigh[1]),
+        ("g_eigh", g_eigh[1]),
+        ("correction", correction),
+        ("damping", damping),
+    )
+    _checks.floating(xp, "grad", grad)
+    _checks.ndim_at_least("grad", grad, 2)
+    d_out, d_in = int(grad.shape[-2]), int(grad.shape[-1])
+    _check_eigh("a_eigh", a_eigh, d_in, "the gradient's d_in")
+    _check_eigh("g_eigh", g_eigh, d_out, "the gradient's d_out")
+    if tuple(correction.shape) != (d_out, d_in):
+        raise ValueError(
+            f"shape mismatch: correction has shape {tuple(correction.shape)} but the gradient "
+            f"needs (d_out, d_in) = {(d_out, d_in)}"
+        )
+    _checks.same_dtype(
+        [("grad", grad), ("a_eigh", a_eigh[1]), ("g_eigh", g_eigh[1]), ("correction", correction)]
+    )
+    _checks.scalar("damping", damping, minimum=0.0)
+    if check_finite:
+        _checks.finite(xp, "grad", grad)
+        _checks.finite(xp, "correction", correction)
+    denominator = correction + _backend.scalar_like(xp, damping, grad)
+    _positive_denominator(
+        xp, denominator, "Q diag(correction) Qᵀ + damping·I (some correction + damping ≤ 0)"
+    )
     return _diagonal_solve(xp, grad, a_eigh.vectors, g_eigh.vectors, denominator)
 
 
