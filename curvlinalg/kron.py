@@ -29,6 +29,7 @@ __all__ = [
     "DebiasedAverage",
     "NotPositiveDefiniteError",
     "factor",
+    "input_factor",
     "ema",
     "debiased_ema",
     "split_damping",
@@ -108,6 +109,30 @@ def factor(x: Array, *, bias: bool = False, check_finite: bool = True) -> Array:
         ones = xp.ones((count, 1), dtype=x.dtype, device=_backend.device(x))
         rows = xp.concat([rows, ones], axis=1)
     return _symmetric(xp, xp.matrix_transpose(rows) @ rows) / count
+
+
+def input_factor(a: Array, *, bias: bool = False, check_finite: bool = True) -> Array:
+    r"""K-FAC's input factor ``A = Σ_{i,t} a_it a_itᵀ / B``: positions summed, examples averaged.
+
+    ``a``: ``(B, d)`` or ``(B, T, d)`` layer inputs (convolution patches, sequence positions).
+    ``B`` is the batch axis (axis 0); the ``T`` positions of an example are *summed*, so that
+    ``A⊗G`` with ``G = factor(e)`` (mean over examples and positions) is Grosse & Martens'
+    KFC approximation of ``(1/B) Σ_i vec(g_i) vec(g_i)ᵀ`` for ``g_i = Σ_t e_itᵀ a_it`` — the
+    scale of the Fisher. It is ``T·factor(a)``, and ``factor(a)`` for ``(B, d)`` inputs.
+    ``bias=True`` appends the column of ones first, as for :func:`factor`.
+
+    Returns a symmetric ``(d, d)`` array (``(d+1, d+1)`` with bias) of ``a``'s dtype.
+    """
+    xp = _backend.namespace(("a", a))
+    _checks.floating(xp, "a", a)
+    if a.ndim not in (2, 3):
+        raise ValueError(f"a must be (B, d) or (B, T, d); got shape {tuple(a.shape)}")
+    if math.prod(int(size) for size in a.shape[:-1]) == 0:
+        raise ValueError(f"a has no examples; got shape {tuple(a.shape)}")
+    if check_finite:
+        _checks.finite(xp, "a", a)
+    positions = 1 if a.ndim == 2 else int(a.shape[1])
+    return factor(a, bias=bias, check_finite=False) * positions
 
 
 def ema(average: Array | None, new: Array, decay: float | Array) -> Array:

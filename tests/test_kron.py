@@ -1291,3 +1291,57 @@ def test_mixed_dtypes_raise(backend: testing.Backend, name: str) -> None:
         ]
         with pytest.raises(ValueError, match="dtype mismatch"):
             call(arrays)
+
+
+# --------------------------------------------------------------------------------------
+# input_factor: K-FAC's A with positions summed (KFC's scale)
+# --------------------------------------------------------------------------------------
+
+
+@property_test(
+    data=st.data(),
+    batch=st.integers(1, 4),
+    positions=st.sampled_from([None, 1, 3]),
+    bias=st.booleans(),
+)
+def test_input_factor_sums_positions_and_averages_examples(
+    backend: testing.Backend,
+    dtype: np.dtype,
+    data: st.DataObject,
+    batch: int,
+    positions: int | None,
+    bias: bool,
+) -> None:
+    width = data.draw(sizes(backend))
+    shape = (batch, width) if positions is None else (batch, positions, width)
+    x = normal(data, shape, dtype)
+    x_backend = backend.asarray(x)
+    result = kron.input_factor(x_backend, bias=bias)
+    assert_backend_array(result, backend, dtype)
+    rows = f64(x).reshape(batch, -1, width)
+    if bias:
+        rows = np.concatenate([rows, np.ones(rows.shape[:2] + (1,))], axis=2)
+    # A = Σ_{i,t} a_it a_itᵀ / B, written as the mean over examples of each example's sum.
+    expected = sum(rows[i].T @ rows[i] for i in range(batch)) / batch
+    out = backend.to_numpy(result)
+    assert np.array_equal(out, out.T)
+    count = rows.shape[0] * rows.shape[1]
+    assert_close(out, expected, dtype, condition=count * math.sqrt(width + bias) / 8)
+    if backend.jit is not None:
+        traced = backend.jit(lambda a: kron.input_factor(a, bias=bias))(x_backend)
+        assert_close(to_np(backend, traced), out, dtype, condition=count)
+    np.testing.assert_array_equal(backend.to_numpy(x_backend), x)  # input untouched
+
+
+def test_input_factor_bad_input_names_a(backend: testing.Backend) -> None:
+    nan = np.ones((2, 3, 2))
+    nan[1, 2, 0] = np.nan
+    for bad, pattern in (
+        (np.ones(3), r"\ba\b.*\(B, d\)"),
+        (np.ones((2, 2, 2, 2)), r"\ba\b.*\(B, d\)"),
+        (np.ones((0, 3, 2)), r"\ba\b has no examples"),
+        (nan, r"\ba\b.*NaN"),
+        (np.ones((2, 2), dtype=np.int64), r"\ba\b.*floating"),
+    ):
+        with pytest.raises(ValueError, match=pattern):
+            kron.input_factor(backend.asarray(bad))

@@ -103,9 +103,11 @@ def kron_laplace_samples(
 ) -> Any:
     r"""Samples of ``N(θ*, Λ⁻¹)`` with one Kronecker block ``n·A⊗G + τI`` per layer.
 
-    ``A = aᵀa / N`` of the layer's inputs and ``G`` the output factor of ``captures.fisher``
-    (``curvlinalg.kron.factor``; for the exact Fisher's ``C`` rows per example rescaled to the
-    common ``1/B`` scale); each layer's noise comes from ``curvlinalg.laplace.kron_sample``.
+    ``A = Σ_{i,t} a_it a_itᵀ / B`` of the layer's inputs (``curvlinalg.kron.input_factor``,
+    positions summed) and ``G`` the output factor of ``captures.fisher`` (``kron.factor``, the
+    mean over examples and positions; for the exact Fisher's ``C`` rows per example rescaled
+    to the common ``1/B`` scale), the factors of :func:`curvlinalg_jax.kfac` and the same
+    ``A⊗G`` as ``curvlinalg_torch.Laplace(structure="kron")``; each layer's noise comes from ``curvlinalg.laplace.kron_sample``.
     Returns ``params``' pytree with a leading axis ``S``.
     """
     _check(prior_precision, n_data, num_samples)
@@ -116,7 +118,7 @@ def kron_laplace_samples(
     for k, info in zip(keys, infos):
         a = batch.loss[info.path][0]
         e = batch.fisher[info.path][1]
-        input_factor = kron.factor(a, check_finite=False)
+        input_factor = kron.input_factor(a, check_finite=False)
         output_factor = kron.factor(e, check_finite=False)
         if int(e.shape[0]) != batch.batch_size:
             output_factor = output_factor * (int(e.shape[0]) / batch.batch_size)

@@ -19,6 +19,12 @@ them. Everything before the preconditioner in the chain (``optax.trace`` for hea
 momentum on the raw gradient, as in Benzing's code; weight decay) acts on the gradient it
 preconditions — except with ``factored_gradient=True``, see :func:`foof`.
 
+Factors (those of ``curvlinalg_torch`` too): ``A = Σ_{i,t} a_it a_itᵀ / B``
+(``kron.input_factor``: the ``T`` positions of a convolution or sequence summed, the ``B``
+examples averaged) and ``G`` the mean of ``e_it e_itᵀ`` over examples and positions, so that
+``A⊗G`` is Grosse & Martens' KFC approximation of the Fisher ``(1/B) Σ_i vec(g_i) vec(g_i)ᵀ``;
+for a dense layer both are plain means over the batch.
+
 Layers are the subtrees of the parameters holding a ``kernel`` (Flax layout) and optionally a
 ``bias``; by default all of them, or those named in ``layers``. Their weight matrices
 ``(d_out, d_in)`` are mapped explicitly (:func:`curvlinalg_jax.kernel_to_matrix`).
@@ -132,8 +138,9 @@ def _first_average(count: Array, decay: float, dtype: Any) -> Array:
 
 
 def _input_factor(a: Array, axis_name: Any) -> Array:
-    """``A = aᵀa / N`` of the whole batch (over devices too)."""
-    return _pmean(kron.factor(a, check_finite=False), axis_name)
+    """``A = Σ_{i,t} a_it a_itᵀ / B`` of the whole batch (over devices too): positions summed,
+    examples averaged (``kron.input_factor``, KFC's scale, as in ``curvlinalg_torch``)."""
+    return _pmean(kron.input_factor(a, check_finite=False), axis_name)
 
 
 def _output_factor(e: Array, batch: int, axis_name: Any) -> Array:
@@ -198,8 +205,8 @@ def _keep(value: Any) -> Any:
 class FoofState(NamedTuple):
     """State of :func:`foof`.
 
-    ``count``: steps taken (int32). ``a_factors[path]``: the average of ``A = aᵀa / N``,
-    ``(d_in, d_in)``. ``a_inverses[path]``: ``(A + λI)⁻¹`` from the last refresh.
+    ``count``: steps taken (int32). ``a_factors[path]``: the average of
+    ``A = Σ_{i,t} a_it a_itᵀ / B`` (``kron.input_factor``), ``(d_in, d_in)``. ``a_inverses[path]``: ``(A + λI)⁻¹`` from the last refresh.
     """
 
     count: Array
@@ -219,8 +226,9 @@ def foof(
 ) -> optax.GradientTransformationExtraArgs:
     r"""FOOF, gradient descent on neurons (Benzing 2022): ``∇W ↦ ∇W (A + λI)⁻¹`` per layer.
 
-    ``A`` is the average (decay ``decay``) of the layer's input factor ``aᵀa / N`` (mean over
-    examples and positions, a ones column for a bias) and ``λ = damping``; the preconditioner
+    ``A`` is the average (decay ``decay``) of the layer's input factor
+    ``Σ_{i,t} a_it a_itᵀ / B`` (``kron.input_factor``: positions of a convolution summed,
+    examples averaged; a ones column for a bias) and ``λ = damping``; the preconditioner
     ``(A + λI)⁻¹ ⊗ I`` depends on the inputs only (``curvlinalg.kron.inverse`` and
     ``kron.precondition``). For large ``λ`` the direction tends to ``∇W/λ``: think of
     ``learning_rate/λ`` as SGD's learning rate. Benzing's sum-over-batch factors at
@@ -301,8 +309,8 @@ DAMPING_MODES = ("factored", "exact")
 class KfacState(NamedTuple):
     """State of :func:`kfac`.
 
-    ``a_factors``/``g_factors``: averages of ``A = aᵀa / N`` and of the Fisher's output factor
-    ``G``. ``a_preconditioners``/``g_preconditioners``: from the last refresh, the damped
+    ``a_factors``/``g_factors``: averages of ``A = Σ_{i,t} a_it a_itᵀ / B`` and of the
+    Fisher's output factor ``G`` (mean over examples and positions). ``a_preconditioners``/``g_preconditioners``: from the last refresh, the damped
     inverses ``(A + λ_A I)⁻¹``, ``(G + λ_G I)⁻¹`` (``damping_mode="factored"``) or the
     eigendecompositions :class:`curvlinalg.Eigh` of ``A`` and ``G`` (``"exact"``).
     """
@@ -327,8 +335,9 @@ def kfac(
 ) -> optax.GradientTransformationExtraArgs:
     r"""K-FAC (Martens & Grosse 2015): ``∇W ↦ (A⊗G + damping)⁻¹ ∇W`` per layer.
 
-    ``A`` averages the input factor ``aᵀa / N`` (of ``captures.loss``), ``G`` the output
-    factor of ``captures.fisher`` (labels sampled from the model for ``fisher="mc"`` — K-FAC
+    ``A`` averages the input factor ``Σ_{i,t} a_it a_itᵀ / B`` (of ``captures.loss``;
+    positions summed, ``kron.input_factor``), ``G`` the output factor (mean over examples and
+    positions) of ``captures.fisher`` (labels sampled from the model for ``fisher="mc"`` — K-FAC
     proper —, data labels for ``"empirical"``, every class for ``"exact"``, all on the same
     ``1/B`` scale). ``damping_mode="factored"``: ``G⁻¹_λ ∇W A⁻¹_λ`` with
     ``(A + λ_A I)⁻¹``, ``(G + λ_G I)⁻¹`` and ``λ_A·λ_G = λ`` split by the π rule

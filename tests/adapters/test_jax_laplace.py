@@ -111,6 +111,34 @@ def test_kron_laplace_samples_are_the_core_sampler(problem):
         np.testing.assert_allclose(actual[path], expected, rtol=1e-10, atol=1e-12)
 
 
+def test_kron_laplace_of_a_convolution_sums_positions_on_a():
+    # A convolution's (B, T, d) captures: the block is Σ_{i,t} a aᵀ / B ⊗ mean_{i,t} e eᵀ,
+    # the K-FAC factors of both adapters (curvlinalg_torch.Laplace's A⊗G too).
+    rng = np.random.default_rng(3)
+    batch, positions = 3, 4
+    a = rng.standard_normal((batch, positions, 5))  # 1 channel · 2×2 window + bias column
+    a[..., -1] = 1.0
+    e = rng.standard_normal((batch, positions, 2))
+    params = {"Conv": {"kernel": jnp.zeros((2, 2, 1, 2)), "bias": jnp.zeros(2)}}
+    key = jax.random.key(4)
+    samples = cj.kron_laplace_samples(
+        key,
+        params,
+        {"Conv": (jnp.asarray(a), jnp.asarray(e))},
+        prior_precision=PRIOR,
+        n_data=N_DATA,
+        num_samples=SAMPLES,
+    )
+    actual = np.asarray(
+        cj.kernel_to_matrix(samples["Conv"]["kernel"], samples["Conv"]["bias"], leading_axes=1)
+    )
+    input_factor = np.einsum("bti,btj->ij", a, a) / batch
+    output_factor = np.einsum("bti,btj->ij", e, e) / (batch * positions)
+    y = np.asarray(jax.random.normal(jax.random.split(key, 1)[0], (SAMPLES, 2, 5), jnp.float64))
+    expected = laplace.kron_sample(input_factor, output_factor, PRIOR, N_DATA, y)
+    np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_laplace_argument_errors(problem):
     params, captures = problem
     key = jax.random.key(0)

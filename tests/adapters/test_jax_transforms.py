@@ -98,6 +98,13 @@ def numpy_batches(batches, which="mc"):
     return result
 
 
+def input_factor(a):
+    """``A = Σ_{i,t} a_it a_itᵀ / B``: positions summed, examples averaged (KFC's scale, the
+    convention of both adapters)."""
+    rows = a.reshape(a.shape[0], -1, a.shape[-1])
+    return np.einsum("bti,btj->ij", rows, rows) / a.shape[0]
+
+
 def output_factor(e, batch=BATCH):
     # The exact Fisher has C rows per example on the same 1/B scale.
     return kron.factor(e) * (e.shape[0] / batch)
@@ -122,7 +129,7 @@ def test_foof_matches_core(problem):
         wanted = {}
         for path in LAYERS:
             if schedule.accumulate_due(step, period, window):
-                factors[path] = kron.ema(factors.get(path), kron.factor(loss[path][0]), decay)
+                factors[path] = kron.ema(factors.get(path), input_factor(loss[path][0]), decay)
             if schedule.refresh_due(step, period):
                 inverses[path] = kron.inverse(factors[path], damping)
             wanted[path] = kron.precondition(grads[path], inverses[path])
@@ -139,7 +146,7 @@ def test_foof_factored_gradient_matches_core(problem):
         wanted = {}
         for path in LAYERS:
             a, e = loss[path]
-            wanted[path] = kron.precondition_factored(a, e, kron.inverse(kron.factor(a), 0.3))
+            wanted[path] = kron.precondition_factored(a, e, kron.inverse(input_factor(a), 0.3))
         expected.append(wanted)
     check(outputs, expected)
     # The same as preconditioning the gradient itself.
@@ -163,7 +170,7 @@ def test_kfac_matches_core(problem, mode, which, period):
     for step, (grads, loss, fisher_rows) in enumerate(numpy_batches(batches, which)):
         wanted = {}
         for path in LAYERS:
-            a_avg[path] = kron.ema(a_avg.get(path), kron.factor(loss[path][0]), decay)
+            a_avg[path] = kron.ema(a_avg.get(path), input_factor(loss[path][0]), decay)
             g_avg[path] = kron.ema(g_avg.get(path), output_factor(fisher_rows[path][1]), decay)
             if schedule.refresh_due(step, period):
                 if mode == "exact":
@@ -229,7 +236,7 @@ def test_kldwrm_matches_core(problem, variant):
         lam = 1 / learning_rate(step)
         wanted = {}
         for path in LAYERS:
-            local_a = kron.factor(loss[path][0])
+            local_a = input_factor(loss[path][0])
             local_g = output_factor(fisher_rows[path][1])
             fbar_a[path] = wake.average(fbar_a.get(path), local_a, rho)
             fbar_g[path] = wake.average(fbar_g.get(path), local_g, rho)
