@@ -1,9 +1,10 @@
 """Hypothesis strategies and backend helpers for testing curvature code.
 
-Used by curvlinalg's own suite and meant for yours (needs ``hypothesis``, the ``test``
-extra). Strategies draw NumPy arrays — the reference values — and :class:`Backend` converts
-them to every array library installed::
+Used by curvlinalg's own suite and meant for yours (needs ``hypothesis``, which comes with
+the ``test`` extra: ``pip install "curvlinalg[test]"``). Strategies draw NumPy arrays — the
+reference values — and :class:`Backend` converts them to every array library installed::
 
+    import numpy as np
     from hypothesis import given
     from curvlinalg import kron, testing
 
@@ -25,7 +26,13 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 import numpy as np
-from hypothesis import strategies as st
+
+try:
+    from hypothesis import strategies as st
+except ImportError as error:  # hypothesis is not a core dependency
+    raise ImportError(
+        'curvlinalg.testing needs hypothesis: pip install "curvlinalg[test]"', name=error.name
+    ) from error
 
 __all__ = [
     "Backend",
