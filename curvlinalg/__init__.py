@@ -8,6 +8,8 @@ Modules:
 * :mod:`curvlinalg.woodbury` — exact subsampled natural gradients through the Woodbury
   identity, from per-layer captures, without forming per-example gradients (Benzing 2022).
 * :mod:`curvlinalg.fisher` — softmax output errors for the empirical, MC and exact Fisher.
+* :mod:`curvlinalg.influence` — influence scores between examples with K-FAC and EK-FAC
+  curvature, from captures, without per-example gradients.
 * :mod:`curvlinalg.laplace` — Laplace posterior samples, log-determinants and log evidence
   with a subsampled or Kronecker-factored Fisher.
 * :mod:`curvlinalg.schedule` — when to refresh factors and inverses (amortisation).
@@ -17,7 +19,7 @@ Every function takes NumPy, CuPy, PyTorch, JAX or any other array-API arrays and
 of the same namespace, dtype and device.
 """
 
-from . import fisher, kron, laplace, schedule, wake, woodbury
+from . import fisher, influence, kron, laplace, schedule, wake, woodbury
 from ._checks import NotPositiveDefiniteError
 from .kron import Eigh
 from .woodbury import Woodbury
@@ -29,6 +31,7 @@ __all__ = [
     "NotPositiveDefiniteError",
     "Woodbury",
     "fisher",
+    "influence",
     "kron",
     "laplace",
     "schedule",

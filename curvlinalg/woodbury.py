@@ -62,21 +62,25 @@ class Woodbury(NamedTuple):
     explicit: tuple[Array | None, ...] = ()
 
 
-def _layers(captures: Captures, *, check_finite: bool) -> tuple[Any, list, int]:
-    """Validate captures; return the namespace, ``[(a2, e2, T)]`` flattened to rows, and B."""
+def _layers(
+    captures: Captures, *, check_finite: bool, name: str = "captures"
+) -> tuple[Any, list, int]:
+    """Validate captures; return the namespace, ``[(a2, e2, T)]`` flattened to rows, and B.
+
+    ``name`` is the user's argument, for the error messages."""
     if not isinstance(captures, (list, tuple)) or len(captures) == 0:
-        raise ValueError("captures must be a non-empty sequence of (a, e) pairs, one per layer")
+        raise ValueError(f"{name} must be a non-empty sequence of (a, e) pairs, one per layer")
     named: list[tuple[str, Array]] = []
     for index, pair in enumerate(captures):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise ValueError(f"captures[{index}] must be an (a, e) pair")
-        named += [(f"captures[{index}][0] (a)", pair[0]), (f"captures[{index}][1] (e)", pair[1])]
+            raise ValueError(f"{name}[{index}] must be an (a, e) pair")
+        named += [(f"{name}[{index}][0] (a)", pair[0]), (f"{name}[{index}][1] (e)", pair[1])]
     xp = _backend.namespace(*named)
     _checks.same_dtype(named)
     flat = []
     batch = None
     for index, (a, e) in enumerate(captures):
-        where = f"captures[{index}]"
+        where = f"{name}[{index}]"
         _checks.floating(xp, f"{where} (a)", a)
         if a.ndim not in (2, 3) or e.ndim != a.ndim:
             raise ValueError(
@@ -92,7 +96,7 @@ def _layers(captures: Captures, *, check_finite: bool) -> tuple[Any, list, int]:
             batch = int(a.shape[0])
         elif int(a.shape[0]) != batch:
             raise ValueError(
-                f"{where}: batch size {int(a.shape[0])} differs from captures[0]'s {batch}"
+                f"{where}: batch size {int(a.shape[0])} differs from {name}[0]'s {batch}"
             )
         if check_finite:
             _checks.finite(xp, f"{where} (a)", a)
@@ -107,7 +111,7 @@ def _layers(captures: Captures, *, check_finite: bool) -> tuple[Any, list, int]:
             )
         )
     if batch == 0:
-        raise ValueError("captures have an empty batch")
+        raise ValueError(f"{name} have an empty batch")
     return xp, flat, int(batch)
 
 
@@ -222,12 +226,25 @@ def cross_gram(captures: Captures, other: Captures, *, check_finite: bool = True
                 f"{(int(rows_a.shape[1]), int(rows_e.shape[1]))} in captures but "
                 f"{(int(other_a.shape[1]), int(other_e.shape[1]))} in other"
             )
-        product = (rows_a @ xp.matrix_transpose(other_a)) * (rows_e @ xp.matrix_transpose(other_e))
-        if positions > 1 or other_positions > 1:
-            blocks = xp.reshape(product, (batch, positions, batch_other, other_positions))
-            product = xp.sum(blocks, axis=(1, 3))
+        product = _layer_cross_gram(
+            xp, (rows_a, rows_e, positions), (other_a, other_e, other_positions)
+        )
         total = product if total is None else total + product
     return total
+
+
+def _layer_cross_gram(xp: Any, layer: tuple, other: tuple) -> Array:
+    """One layer's ``Σ_{t,s} (a_it·a'_js)(e_it·e'_js)`` from flattened rows ``(a2, e2, T)``
+    (``B·T`` rows each), without per-example gradients: ``(B, B')``."""
+    rows_a, rows_e, positions = layer
+    other_a, other_e, other_positions = other
+    product = (rows_a @ xp.matrix_transpose(other_a)) * (rows_e @ xp.matrix_transpose(other_e))
+    if positions > 1 or other_positions > 1:
+        batch = int(rows_a.shape[0]) // positions
+        batch_other = int(other_a.shape[0]) // other_positions
+        blocks = xp.reshape(product, (batch, positions, batch_other, other_positions))
+        product = xp.sum(blocks, axis=(1, 3))
+    return product
 
 
 def rmatvec(captures: Captures, vectors: Sequence[Array], *, check_finite: bool = True) -> Array:
