@@ -4,8 +4,9 @@ SGD with momentum, Adam, and curvlinalg's FOOF, K-FAC (MC Fisher) and exact subs
 gradient (MC Fisher from an independent batch), each for a few epochs at batch 100, from the
 same initialisation and the same batch order. Prints a table (final training loss over the
 whole training subset, test accuracy, median time per step as a ratio to SGD measured in this
-run) and writes the loss curves to ``bench/results/demo_loss.png`` (and the numbers to
-``bench/results/demo.json``).
+run) and writes the loss curves to ``demo_loss.png`` and the numbers to ``demo.json`` in
+``bench/results/tmp/`` (ignored by git); ``--out bench/results`` replaces the committed
+results.
 
 The network is Benzing's (ICML 2022): ReLU, no biases, Kaiming-normal initialisation, softmax
 cross-entropy. Hyperparameters (mean-factor convention, see README) are Benzing's Table 1 values
@@ -14,8 +15,9 @@ picked by a one-epoch check; they are not the result of a full search.
 
 Usage::
 
-    python bench/train_demo.py               # 5 epochs, ~2 min on 2 quiet CPU cores
-    python bench/train_demo.py --quick       # a few steps per optimizer (smoke test)
+    python bench/train_demo.py                      # 5 epochs, ~2 min on 2 quiet CPU cores
+    python bench/train_demo.py --out bench/results  # the same, writing the committed results
+    python bench/train_demo.py --quick              # a few steps per optimizer (smoke test)
 """
 
 from __future__ import annotations
@@ -38,7 +40,12 @@ def parse() -> argparse.Namespace:
         "--dataset", default="mnist-subset", help="mnist-subset, mnist, fashion-mnist"
     )
     parser.add_argument("--only", default="", help="comma-separated subset of the optimizers")
-    parser.add_argument("--out", default=str(HERE / "results"), help="where to write json/png")
+    parser.add_argument(
+        "--out",
+        default=str(HERE / "results" / "tmp"),
+        help="where to write demo.json and demo_loss.png (default bench/results/tmp, ignored "
+        "by git; bench/results holds the committed ones)",
+    )
     parser.add_argument("--quick", action="store_true", help="10 steps each, no figure")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args()
