@@ -103,8 +103,10 @@ def validated_captures(captures: Any, infos: Sequence[layout.LayerInfo], who: st
             f"captures must be a curvlinalg_jax.Captures or a dict {{path: (a, e)}}; "
             f"got {type(captures).__name__}"
         )
+    batch = None
     for field in ("loss", "fisher"):
         table = getattr(result, field)
+        rows = None
         for info in infos:
             if info.path not in table:
                 raise ValueError(
@@ -112,6 +114,32 @@ def validated_captures(captures: Any, infos: Sequence[layout.LayerInfo], who: st
                     f"{sorted(table)}); capture every preconditioned layer or pass layers=..."
                 )
             a, e = table[info.path]
+            where = f"{who}: captures.{field}[{info.path!r}]"
+            if a.ndim not in (2, 3) or e.ndim != a.ndim:
+                raise ValueError(
+                    f"{where} must be (a, e) both (B, d) or both (B, T, d); got a "
+                    f"{tuple(a.shape)} and e {tuple(e.shape)}"
+                )
+            if tuple(a.shape[:-1]) != tuple(e.shape[:-1]):
+                raise ValueError(
+                    f"{where}: a has shape {tuple(a.shape)} but e has {tuple(e.shape)}; their "
+                    "batch (and position) axes must agree"
+                )
+            # Every layer of one table holds the same examples; the Fisher's rows are the
+            # loss batch's B examples (empirical, MC) or C rows for each of them (exact).
+            rows = int(a.shape[0]) if rows is None else rows
+            if rows == 0:
+                raise ValueError(f"{where} has an empty batch (a {tuple(a.shape)})")
+            if int(a.shape[0]) != rows:
+                raise ValueError(
+                    f"{where} has {int(a.shape[0])} rows but other layers of captures.{field} "
+                    f"have {rows}; all layers must hold the same batch"
+                )
+            if batch is not None and rows % batch:
+                raise ValueError(
+                    f"{where} has {rows} rows, not a multiple of the batch size {batch} of "
+                    "captures.loss (the Fisher has B rows, or B·C for the exact Fisher)"
+                )
             if (int(e.shape[-1]), int(a.shape[-1])) != (info.d_out, info.d_in):
                 raise ValueError(
                     f"captures.{field}[{info.path!r}] give a weight matrix "
@@ -119,6 +147,8 @@ def validated_captures(captures: Any, infos: Sequence[layout.LayerInfo], who: st
                     f"{info.kernel_shape}{' with bias' if info.has_bias else ''} is "
                     f"(d_out, d_in) = ({info.d_out}, {info.d_in})"
                 )
+        if field == "loss":
+            batch = rows
     return result
 
 
@@ -250,6 +280,19 @@ def _per_device(tree: Any, axis_name: Any) -> Any:
         return tree
 
 
+def _device_key(key: Array, axis_name: Any) -> Array:
+    """The MC labels' key of this device: ``key`` itself on one device, else
+    ``jax.random.fold_in(key, i)`` with ``i`` the device's index along ``axis_name`` (row-major
+    over a tuple of axes), so that devices given one key draw independent labels."""
+    if axis_name is None:
+        return key
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    index = jnp.zeros([], jnp.int32)
+    for name in names:
+        index = index * jax.lax.axis_size(name) + jax.lax.axis_index(name)
+    return jax.random.fold_in(key, index)
+
+
 def _capture_core(
     run: Callable[[Any, dict[str, Array]], tuple[Array, dict[str, Array]]],
     params: Any,
@@ -324,7 +367,9 @@ def _capture_core(
                 f"{getattr(logits, 'shape', type(logits))}"
             )
         if fisher == "mc":
-            uniform = jax.random.uniform(key, (batch,), dtype=logits.dtype)
+            uniform = jax.random.uniform(
+                _device_key(key, axis_name), (batch,), dtype=logits.dtype
+            )
             labels = core_fisher.sample_labels(logits, uniform)
             errors = core_fisher.softmax_errors(logits, labels)
             fisher_captures = captures_of(backward(errors)[1])
@@ -401,7 +446,11 @@ def capture(
 
     ``axis_name``: inside ``shard_map``/``pmap`` over that axis with the batch split evenly,
     ``loss`` and ``grads`` are the whole batch's (``jax.lax.pmean`` of the local means), while
-    ``captures`` stay the device's own examples (the transformations combine them).
+    ``captures`` stay the device's own examples (the transformations combine them). With
+    ``fisher="mc"`` every device draws its labels from ``jax.random.fold_in(key, i)``, ``i``
+    its index along ``axis_name`` (pass the same ``key`` to every device): the devices' draws
+    are independent, and one device on the whole batch computes the same Fisher when given
+    the devices' labels.
 
     Works under ``jax.jit`` (``forward``, ``loss_fn``, ``fisher`` and ``layers`` static).
     """

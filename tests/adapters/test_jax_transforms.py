@@ -328,3 +328,30 @@ def test_errors_name_the_argument(problem):
     )
     with pytest.raises(ValueError, match="no entry for layer 'Conv_0'"):
         tx.update(grads, state, params, captures=partial)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: cj.foof(1.0), lambda: cj.kfac(1.0), lambda: cj.kldwrm(0.1, 1.0)],
+    ids=["foof", "kfac", "kldwrm"],
+)
+def test_captures_with_different_batch_sizes_are_refused_at_trace_time(problem, make):
+    params, batches = problem
+    grads, captures, _, _ = batches[0]
+    tx = make()
+    state = tx.init(params)
+    update = jax.jit(lambda g, s, c: tx.update(g, s, params, captures=c))
+    a, e = captures.loss["Dense_0"]
+    cases = {
+        # e of one example fewer than a, in one pair
+        "a has shape": {**captures.loss, "Dense_0": (a, e[:-1])},
+        # a layer whose (consistent) pair holds another batch than the other layers
+        "other layers": {**captures.loss, "Dense_0": (a[:-1], e[:-1])},
+    }
+    for message, loss in cases.items():
+        with pytest.raises(ValueError, match=f"captures.loss\\['Dense_0'\\].*{message}"):
+            update(grads, state, cj.Captures(loss=loss, fisher=loss))
+    # Fisher rows that are not B (or B·C) rows of the loss batch's examples.
+    fisher = {path: (pair[0][:-1], pair[1][:-1]) for path, pair in captures.fisher.items()}
+    with pytest.raises(ValueError, match="not a multiple of the batch size"):
+        update(grads, state, cj.Captures(loss=captures.loss, fisher=fisher))
