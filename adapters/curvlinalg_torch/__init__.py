@@ -6,6 +6,10 @@
 * :class:`FOOF` — Benzing's first-order optimisation on neurons: ``∇W (Ā + λI)⁻¹``.
 * :class:`KFAC` — K-FAC with MC or empirical Fisher, factored (π) or exact (eigenbasis)
   damping.
+* :class:`EKFAC` — eigenvalue-corrected K-FAC (George et al. 2018): K-FAC's eigenbasis with
+  the Fisher's own second moments in it (``curvlinalg.kron.eigen_correction``).
+* :class:`Influence` — training-data attribution: K-FAC / EK-FAC influence scores of query
+  examples against a training loader, self-influence and top-k (``curvlinalg.influence``).
 * :class:`NaturalGradient` — the exact subsampled natural gradient through the Woodbury
   identity (MC, empirical or exact Fisher; whole network or layer-wise).
 * :class:`KLDWRM` — Puiu's SO-, Q- and QE-KLD-WRM with Kronecker-factored Fisher blocks.
@@ -21,14 +25,18 @@ ordinary loop (``zero_grad``, forward, ``loss.backward()``, ``step()``); under
 from . import capture
 from ._optimizer import CurvatureOptimizer, ddp_ignore_captured
 from .capture import Capture, LayerCapture
+from .ekfac import EKFAC
 from .foof import FOOF
+from .influence import Influence
 from .kfac import KFAC
 from .kldwrm import KLDWRM
 from .laplace import Laplace
 from .natural_gradient import NaturalGradient
 
 __all__ = [
+    "EKFAC",
     "FOOF",
+    "Influence",
     "KFAC",
     "KLDWRM",
     "Capture",

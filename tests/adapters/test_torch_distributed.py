@@ -108,6 +108,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         results = {
             f"{name}/{wrap}": final_parameters(name, wrap, rank, world) for name, wrap in RUNS
         }
+        # EK-FAC on its own MLP (tests/adapters/test_torch_ekfac.py), in this same spawn.
+        from tests.adapters.test_torch_ekfac import distributed_run as ekfac_run
+
+        results["ekfac-mlp"] = ekfac_run(rank, world)
         # Unequal batches cannot be gathered: every rank raises (no deadlock).
         model = net()
         optimizer = NaturalGradient(
@@ -144,6 +148,15 @@ def test_two_ranks_with_half_batches_equal_one_process(rank_results, name, wrap)
         if not name.startswith("ng"):
             # The inversions are spread: each of the two layers is inverted on one rank.
             assert rank_refreshes * WORLD == refreshes, (rank, rank_refreshes, refreshes)
+
+
+def test_ekfac_two_ranks_with_half_batches_equal_one_process(rank_results):
+    from tests.adapters.test_torch_ekfac import distributed_run as ekfac_run
+
+    expected = ekfac_run(0, 1)  # parameters, then each layer's correction S
+    for rank, results in enumerate(rank_results):
+        for p, q in zip(results["ekfac-mlp"], expected):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=f"ekfac rank {rank}")
 
 
 def test_unequal_batches_raise_on_every_rank(rank_results):
