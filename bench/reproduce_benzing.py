@@ -53,12 +53,15 @@ Usage::
     # one seed per process (in parallel, or on several machines), then one table and figure:
     python bench/reproduce_benzing.py --first-seed 1 --seeds 1 --out DIR1
     python bench/reproduce_benzing.py --merge DIR0/benzing_mnist.json DIR1/benzing_mnist.json
+    # redraw the figures of written JSON files (any of the three experiments), running nothing:
+    python bench/reproduce_benzing.py --plot-only bench/results/benzing/*.json
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -163,12 +166,29 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="smoke run: 400 images, 4 steps per method, 1 seed"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--plot-only",
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: redraw the figure of each written JSON file (main run, --timing or "
+        "--full-batch) into --out (default: the JSON's own folder)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.seeds, args.timing_epochs = 1, 1, 1
-    if args.out is None:
+    if args.out is None and not args.plot_only:
         args.out = str(training.RESULTS / ("tmp" if args.quick else "") / "benzing")
     return args
+
+
+def seed_count(runs: dict[str, list[dict[str, Any]]]) -> int:
+    """How many distinct seeds the per-method runs hold (the figures' titles say it)."""
+    return len({run["seed"] for per_seed in runs.values() for run in per_seed})
+
+
+def _seeds_text(runs: dict[str, list[dict[str, Any]]]) -> str:
+    count = seed_count(runs)
+    return f"{count} seed" + ("" if count == 1 else "s")
 
 
 def _optimizers(kind: str, hp: dict[str, Any]) -> dict[str, Callable[[Any, int], Any]]:
@@ -386,14 +406,21 @@ def main_report(
             "paper_dataset": PAPER_DATASET,
         },
     )
-    window = 50 if steps >= 500 else 1
-    _loss_figure(
-        out / f"{stem}_loss.png",
-        runs,
-        f"MLP on {dataset}, batch {BATCH} (mean ± std, {len(seeds)} seed(s))",
-        window,
-    )
+    main_figure(out, dataset, runs)
     print(f"wrote {out / stem}.json and {stem}_loss.png")
+
+
+def main_figure(out: Path, dataset: str, runs: dict[str, list[dict[str, Any]]]) -> Path:
+    """The main run's loss figure, ``benzing_<dataset>_loss.png``."""
+    steps = max(len(run["losses"]) for per_seed in runs.values() for run in per_seed)
+    path = out / f"benzing_{dataset}_loss.png"
+    _loss_figure(
+        path,
+        runs,
+        f"MLP on {dataset}, batch {BATCH} (mean ± std, {_seeds_text(runs)})",
+        50 if steps >= 500 else 1,
+    )
+    return path
 
 
 def timing_run(args: argparse.Namespace, hp: dict[str, Any], dataset: str, out: Path) -> None:
@@ -430,9 +457,16 @@ def timing_run(args: argparse.Namespace, hp: dict[str, Any], dataset: str, out: 
             "paper_seconds_per_epoch_gpu": PAPER_SECONDS_PER_EPOCH,
         },
     )
+    timing_figure(out, dataset, seconds, args.threads)
+    print(f"wrote {out / stem}.json and {stem}.png")
+
+
+def timing_figure(out: Path, dataset: str, seconds: dict[str, float], threads: int) -> Path:
+    """Fig 4A's bars, ``benzing_timing_<dataset>.png``."""
+    path = out / f"benzing_timing_{dataset}.png"
     plt = training.pyplot()
     if plt is None:
-        return
+        return path
     figure, axis = plt.subplots(figsize=(6, 4))
     periods = [1, 10, 100]
     width = 0.38
@@ -442,13 +476,13 @@ def timing_run(args: argparse.Namespace, hp: dict[str, Any], dataset: str, out: 
     if "SGD+momentum" in seconds:
         axis.axhline(seconds["SGD+momentum"], color="k", linestyle="--", label="SGD+momentum")
     axis.set_xticks(range(len(periods)), [f"T = {T}" for T in periods])
-    axis.set_ylabel(f"seconds per epoch ({args.threads} CPU threads)")
+    axis.set_ylabel(f"seconds per epoch ({threads} CPU threads)")
     axis.set_title(f"Wall-clock per epoch, MLP on {dataset}")
     axis.legend()
     figure.tight_layout()
-    figure.savefig(out / f"{stem}.png", dpi=120)
+    figure.savefig(path, dpi=120)
     plt.close(figure)
-    print(f"wrote {out / stem}.json and {stem}.png")
+    return path
 
 
 def full_batch_run(args: argparse.Namespace, hp: dict[str, Any], dataset: str, out: Path) -> None:
@@ -490,17 +524,55 @@ def full_batch_run(args: argparse.Namespace, hp: dict[str, Any], dataset: str, o
             "paper_dataset": PAPER_DATASET,
         },
     )
+    full_batch_figure(out, dataset, size, runs)
+    print(f"wrote {out / stem}.json and {stem}_loss.png")
+
+
+def full_batch_figure(
+    out: Path, dataset: str, size: int, runs: dict[str, list[dict[str, Any]]]
+) -> Path:
+    """Fig 1D's loss figure, ``benzing_fullbatch_<dataset>_loss.png``."""
+    path = out / f"benzing_fullbatch_{dataset}_loss.png"
     _loss_figure(
-        out / f"{stem}_loss.png",
+        path,
         runs,
-        f"MLP on {size} {dataset} images, full batch (mean ± std, {args.seeds} seeds)",
+        f"MLP on {size} {dataset} images, full batch (mean ± std, {_seeds_text(runs)})",
         1,
     )
-    print(f"wrote {out / stem}.json and {stem}_loss.png")
+    return path
+
+
+def plot_only(paths: list[str], out: str | None) -> list[Path]:
+    """Redraw the figure of each JSON file that this script wrote; return the figures."""
+    written = []
+    for name in paths:
+        path = Path(name)
+        payload = json.loads(path.read_text())
+        folder = Path(out) if out else path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        experiment = payload.get("experiment")
+        if experiment == MAIN_EXPERIMENT:
+            figure = main_figure(folder, payload["dataset"], payload["runs"])
+        elif experiment == "Benzing ICML 2022 Fig 1D":
+            figure = full_batch_figure(
+                folder, payload["dataset"], payload["batch"], payload["runs"]
+            )
+        elif experiment == "Benzing ICML 2022 Fig 4A":
+            figure = timing_figure(
+                folder, payload["dataset"], payload["seconds_per_epoch"], payload["threads"]
+            )
+        else:
+            raise SystemExit(f"--plot-only: {path} is not a run of this script ({experiment!r})")
+        print(f"{path} -> {figure}")
+        written.append(figure)
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.plot_only:
+        plot_only(args.plot_only, args.out)
+        return 0
     training.limit_threads(args.threads)
     hp = hyperparameters()
     print_header(hp)

@@ -178,3 +178,39 @@ def test_reproduce_benzing_seed_parts_merge(tmp_path):
     other.write_text(json.dumps({"experiment": reproduce_puiu.EXPERIMENT, "runs": {}}))
     with pytest.raises(subprocess.CalledProcessError):
         _run("reproduce_benzing.py", tmp_path / "bad", "--merge", parts[0], str(other))
+
+
+def test_benzing_plot_only_redraws_from_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = {
+        "SGD+momentum": [
+            {"seed": seed, "losses": [2.0, 1.5, 1.0 + seed / 10]} for seed in (0, 1, 2)
+        ],
+        "FOOF T=1": [{"seed": seed, "losses": [2.0, 1.0, 0.5]} for seed in (0, 2)],
+    }
+    assert reproduce_benzing.seed_count(runs) == 3
+    assert reproduce_benzing._seeds_text({"m": runs["SGD+momentum"][:1]}) == "1 seed"
+    payloads = {
+        "main.json": {"experiment": reproduce_benzing.MAIN_EXPERIMENT, "dataset": "mnist"},
+        "full.json": {"experiment": "Benzing ICML 2022 Fig 1D", "dataset": "mnist", "batch": 9},
+        "timing.json": {
+            "experiment": "Benzing ICML 2022 Fig 4A",
+            "dataset": "mnist",
+            "threads": 2,
+            "seconds_per_epoch": {"SGD+momentum": 1.0, "FOOF T=1": 3.0, "KFAC T=10": 2.0},
+        },
+    }
+    paths = []
+    for name, payload in payloads.items():
+        (tmp_path / name).write_text(json.dumps({**payload, "runs": runs}))
+        paths.append(str(tmp_path / name))
+    assert reproduce_benzing.main(["--plot-only", *paths, "--out", str(tmp_path / "f")]) == 0
+    for figure in (
+        "benzing_mnist_loss.png",
+        "benzing_fullbatch_mnist_loss.png",
+        "benzing_timing_mnist.png",
+    ):
+        assert (tmp_path / "f" / figure).read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "other.json").write_text(json.dumps({"experiment": "Puiu Table 1"}))
+    with pytest.raises(SystemExit, match="not a run of this script"):
+        reproduce_benzing.main(["--plot-only", str(tmp_path / "other.json")])
