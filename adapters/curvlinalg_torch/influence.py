@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvlinalg import kron
+from curvlinalg import influence, kron
 
 from .capture import Capture, LossReduction
 
@@ -265,17 +265,20 @@ class Influence:
         """``(N,)`` self-influence ``g_iᵀ P⁻¹ g_i`` of every example of the loader (the
         diagonal of :meth:`pairwise_scores` of the loader against itself, without the
         matrix)."""
-        from curvlinalg import influence
-
         self._require_fit()
         parts = []
         with self._session() as capture:
             for batch in loader:
                 pairs, _ = self._batch_captures(capture, batch, "data")
                 if self.damping_rule == "factored":
-                    parts.append(influence.kfac_self_scores(pairs, self._preconditioner))
+                    scores = influence.kfac_self_scores(
+                        pairs, self._preconditioner, check_finite=False
+                    )
                 else:
-                    parts.append(influence.ekfac_self_scores(pairs, self._preconditioner))
+                    scores = influence.ekfac_self_scores(
+                        pairs, self._preconditioner, check_finite=False
+                    )
+                parts.append(scores)
         if not parts:
             raise ValueError("loader yielded no batch")
         return torch.cat(parts)
@@ -326,11 +329,10 @@ class Influence:
     def _scores(
         self, query: list[tuple[Tensor, Tensor]], train: list[tuple[Tensor, Tensor]]
     ) -> Tensor:
-        from curvlinalg import influence
-
+        # Captures were checked finite per batch (_batch_captures).
         if self.damping_rule == "factored":
-            return influence.kfac_scores(query, train, self._preconditioner)
-        return influence.ekfac_scores(query, train, self._preconditioner)
+            return influence.kfac_scores(query, train, self._preconditioner, check_finite=False)
+        return influence.ekfac_scores(query, train, self._preconditioner, check_finite=False)
 
     # ------------------------------------------------------------------ captures
 
