@@ -75,8 +75,10 @@ class EKFAC(KFAC):
         update_every: fold the batch into ``Ā``, ``Ḡ`` and into ``S̄`` every this many steps.
         inverse_every: recompute the eigenbases every this many steps (and restart ``S̄``
             from that step's batch).
-        generator, seed, momentum, weight_decay, ema_decay, factor_dtype, loss_reduction,
-        other_lr, layers, distributed: as for :class:`KFAC`.
+        generator, seed, momentum, weight_decay, ema_decay: as for :class:`KFAC`.
+        factor_dtype, loss_reduction, other_lr, layers, distributed: as for :class:`KFAC`.
+        options: any further keyword argument of :class:`KFAC` (e.g. its fallback optimizer
+            for the parameters outside the captured layers).
 
     Per-layer state (:meth:`layer_state`): ``"A"``, ``"G"`` (averages, upper triangles: read
     them with :meth:`factor`), ``"A_values"``, ``"A_vectors"``, ``"G_values"``,
@@ -103,6 +105,7 @@ class EKFAC(KFAC):
         generator: torch.Generator | None = None,
         seed: int | None = None,
         distributed: bool = False,
+        **options: Any,
     ) -> None:
         if isinstance(damping, tuple):
             raise ValueError(
@@ -127,6 +130,7 @@ class EKFAC(KFAC):
             generator=generator,
             seed=seed,
             distributed=distributed,
+            **options,
         )
         # Corrections folded on this step, averaged over the ranks with the factors.
         self._folded_corrections: list[Tensor] = []
