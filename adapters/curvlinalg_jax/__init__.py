@@ -5,7 +5,7 @@ A thin adapter: it captures each layer's inputs ``a`` and per-example output gra
 functions), holds optimizer state as NamedTuples, schedules refreshes with ``jax.lax.cond``,
 and calls ``curvlinalg``'s formulas on JAX arrays.
 
-* :func:`foof`, :func:`kfac`, :func:`natural_gradient`, :func:`kldwrm` — optax
+* :func:`foof`, :func:`kfac`, :func:`ekfac`, :func:`natural_gradient`, :func:`kldwrm` — optax
   ``GradientTransformationExtraArgs`` preconditioners; ``update(grads, state, params,
   captures=captures)``; chain with ``optax.sgd(learning_rate)``.
 * :func:`laplace_samples`, :func:`kron_laplace_samples` — Laplace posterior samples as
@@ -24,6 +24,7 @@ from .capture import (
     conv_patches,
     identity_tap,
 )
+from .ekfac import EkfacState, ekfac
 from .laplace import kron_laplace_samples, laplace_samples
 from .layout import kernel_to_matrix, matrix_to_kernel
 from .linen import Conv, Dense
@@ -42,6 +43,7 @@ __all__ = [
     "Captures",
     "Conv",
     "Dense",
+    "EkfacState",
     "FoofState",
     "INPUTS_COLLECTION",
     "KfacState",
@@ -51,6 +53,7 @@ __all__ = [
     "capture",
     "capture_linen",
     "conv_patches",
+    "ekfac",
     "foof",
     "identity_tap",
     "kernel_to_matrix",

@@ -107,7 +107,8 @@ def kron_laplace_samples(
     positions summed) and ``G`` the output factor of ``captures.fisher`` (``kron.factor``, the
     mean over examples and positions; for the exact Fisher's ``C`` rows per example rescaled
     to the common ``1/B`` scale), the factors of :func:`curvlinalg_jax.kfac` and the same
-    ``A⊗G`` as ``curvlinalg_torch.Laplace(structure="kron")``; each layer's noise comes from ``curvlinalg.laplace.kron_sample``.
+    ``A⊗G`` as ``curvlinalg_torch.Laplace(structure="kron")``; each layer's noise comes from
+    ``curvlinalg.laplace.kron_sample``.
     Returns ``params``' pytree with a leading axis ``S``.
     """
     _check(prior_precision, n_data, num_samples)

@@ -206,7 +206,8 @@ class FoofState(NamedTuple):
     """State of :func:`foof`.
 
     ``count``: steps taken (int32). ``a_factors[path]``: the average of
-    ``A = Σ_{i,t} a_it a_itᵀ / B`` (``kron.input_factor``), ``(d_in, d_in)``. ``a_inverses[path]``: ``(A + λI)⁻¹`` from the last refresh.
+    ``A = Σ_{i,t} a_it a_itᵀ / B`` (``kron.input_factor``), ``(d_in, d_in)``. ``a_inverses[path]``:
+    ``(A + λI)⁻¹`` from the last refresh.
     """
 
     count: Array
@@ -310,7 +311,8 @@ class KfacState(NamedTuple):
     """State of :func:`kfac`.
 
     ``a_factors``/``g_factors``: averages of ``A = Σ_{i,t} a_it a_itᵀ / B`` and of the
-    Fisher's output factor ``G`` (mean over examples and positions). ``a_preconditioners``/``g_preconditioners``: from the last refresh, the damped
+    Fisher's output factor ``G`` (mean over examples and positions).
+    ``a_preconditioners``/``g_preconditioners``: from the last refresh, the damped
     inverses ``(A + λ_A I)⁻¹``, ``(G + λ_G I)⁻¹`` (``damping_mode="factored"``) or the
     eigendecompositions :class:`curvlinalg.Eigh` of ``A`` and ``G`` (``"exact"``).
     """

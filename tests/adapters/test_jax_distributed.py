@@ -2,11 +2,11 @@
 
 Runs in a subprocess because the number of host (CPU) devices is fixed when JAX starts
 (``XLA_FLAGS=--xla_force_host_platform_device_count=2``) and this process has JAX loaded
-already. The script trains FOOF, K-FAC, the natural gradient and Q-KLD-WRM for three steps
-inside ``jax.shard_map`` with ``axis_name="data"`` and compares updates and state with the
-single-device run. For the MC Fisher it checks that the devices draw different labels from
+already. The script trains FOOF, K-FAC, EK-FAC, the natural gradient and Q-KLD-WRM for three
+steps inside ``jax.shard_map`` with ``axis_name="data"`` and compares updates and state with
+the single-device run. For the MC Fisher it checks that the devices draw different labels from
 one key and that K-FAC on two devices equals one device given the devices' draws. The mesh
-has ``Auto`` axes (``jax.make_mesh`` defaults to ``Explicit`` in JAX ≥ 0.9, under which
+has ``Auto`` axes (``jax.make_mesh`` defaults to ``Explicit`` ones in JAX 0.10, under which
 ``shard_map`` refuses unsharded inputs), as the README shows.
 """
 
@@ -56,6 +56,7 @@ SCRIPT = textwrap.dedent(
                 0.3, decay=0.5, period=2, factored_gradient=True, axis_name=axis_name
             ),
             "kfac": cj.kfac(0.05, decay=0.5, axis_name=axis_name),
+            "ekfac": cj.ekfac(0.05, decay=0.5, inverse_every=2, axis_name=axis_name),
             "natural_period2": cj.natural_gradient(
                 0.01, period=2, fisher_like=whole_exact, axis_name=axis_name
             ),
