@@ -290,18 +290,24 @@ class Influence:
         train_loader, k)``, which streams the loader keeping only the running top ``k``
         (never the whole matrix). Returns ``(values, indices)``, both ``(B_q, k)``, in
         decreasing order of score (``torch.topk``)."""
-        if len(args) == 3 and k is None:
-            query, train_loader, k = args
-        elif len(args) == 2 and isinstance(args[0], Tensor) and k is None:
-            scores, k = args
-            _check_k(k, int(scores.shape[-1]) if scores.ndim == 2 else 0)
+        usage = "use top_k(scores, k) or top_k(query, train_loader, k)"
+        if args and isinstance(args[0], Tensor):
+            if len(args) == 2 and k is None:
+                scores, k = args
+            elif len(args) == 1 and k is not None:
+                scores = args[0]
+            else:
+                raise TypeError(usage)
             if scores.ndim != 2:
                 raise ValueError(f"scores must be (B_q, N); got shape {tuple(scores.shape)}")
+            _check_k(k, int(scores.shape[1]))
             return torch.topk(scores, k, dim=1)
+        if len(args) == 3 and k is None:
+            query, train_loader, k = args
         elif len(args) == 2 and k is not None:
             query, train_loader = args
         else:
-            raise TypeError("use top_k(scores, k) or top_k(query, train_loader, k)")
+            raise TypeError(usage)
         self._require_fit()
         _check_k(k, None)
         best_values: Tensor | None = None

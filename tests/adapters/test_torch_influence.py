@@ -20,7 +20,6 @@ from tests.adapters.test_torch_ekfac import (
     mlp_batches,
     per_example_blocks,
     tiny_mlp,
-    unvec,
     vec,
 )
 from tests.adapters.test_torch_foof import batches
@@ -162,8 +161,11 @@ def test_top_k_picks_the_largest_scores():
     np.testing.assert_array_equal(indices.numpy(), order)
     torch.testing.assert_close(values, torch.gather(scores, 1, indices), rtol=1e-12, atol=0)
     assert torch.equal(indices[:, 0], scores.argmax(1))
-    from_matrix = fitted.top_k(scores, 4)
-    assert torch.equal(from_matrix[1], indices)
+    for from_matrix in (fitted.top_k(scores, 4), fitted.top_k(scores, k=4)):
+        assert torch.equal(from_matrix[1], indices)
+    assert torch.equal(fitted.top_k(query, train, k=4)[1], indices)
+    with pytest.raises(TypeError, match="top_k"):
+        fitted.top_k(query, train)
     with pytest.raises(ValueError, match="k=21 exceeds"):
         fitted.top_k(scores, 21)
 
