@@ -54,7 +54,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -63,7 +65,7 @@ from torch import Tensor, nn
 
 from curvlinalg import NotPositiveDefiniteError, kron, schedule
 
-from .capture import Capture, LayerCapture, LossReduction
+from .capture import Capture, LayerCapture, LossReduction, find_layers, matrix_to_parameters
 
 __all__ = ["CurvatureOptimizer", "ddp_ignore_captured"]
 
@@ -89,7 +91,7 @@ def ddp_ignore_captured(model: nn.Module, layers: Iterable[nn.Module] | None = N
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise TypeError("call ddp_ignore_captured on the module before wrapping it in DDP")
-    capture = Capture(model, layers=layers)
+    capture = Capture(model, layers=select_layers(model, layers))
     try:
         modules = {id(layer.module) for layer in capture}
     finally:
@@ -102,6 +104,69 @@ def ddp_ignore_captured(model: nn.Module, layers: Iterable[nn.Module] | None = N
     ]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
     return names
+
+
+def _owners(model: nn.Module) -> dict[int, list[str]]:
+    """``id(parameter) → ["module.param", …]``: every module that holds each parameter."""
+    owners: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            qualified = f"{module_name}.{param_name}" if module_name else param_name
+            owners.setdefault(id(param), []).append(qualified)
+    return owners
+
+
+def select_layers(model: nn.Module, layers: Iterable[nn.Module] | None) -> list[nn.Module]:
+    """The layers an optimizer captures: ``layers``, or every supported layer of ``model``
+    (:func:`~curvlinalg_torch.capture.find_layers`) whose parameters no other module holds.
+
+    A *tied* parameter (an ``nn.Linear`` head sharing its weight with an ``nn.Embedding``, or
+    two layers sharing one weight) gets gradients from several modules, and the layer's
+    captures see only its own use: such a layer is left to the first-order fallback, which
+    receives autograd's sum over every use. Naming a tied layer in ``layers`` is refused.
+    """
+    owners = _owners(model)
+
+    def tied(module: nn.Module) -> str | None:
+        for param in module.parameters(recurse=False):
+            if len(owners.get(id(param), [])) > 1:
+                return " and ".join(owners[id(param)])
+        return None
+
+    if layers is None:
+        return [module for _, module in find_layers(model) if tied(module) is None]
+    chosen = list(layers)
+    for module in chosen:
+        shared = tied(module)
+        if shared is not None:
+            raise ValueError(
+                f"the parameter {shared} is tied (one tensor held by several modules): a "
+                "captured layer would see only its own use of it. Leave that layer out of "
+                "layers= (the fallback optimizer then updates it with the gradient of every use)"
+            )
+    return chosen
+
+
+def _register_weak_hook(model: nn.Module, method: Callable[..., Any]) -> Any:
+    """``model.register_forward_hook`` of a bound method, holding its object weakly (a model
+    hook must not keep a deleted optimizer alive)."""
+    reference = weakref.WeakMethod(method)
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        bound = reference()
+        if bound is None or module is not model:  # dead, or a deepcopy of the model
+            return None
+        return bound(module, args, output)
+
+    return model.register_forward_hook(hook)
+
+
+def _release(capture: Capture, handles: list[Any]) -> None:
+    """Finalizer of an optimizer: remove its capture's and its model hooks."""
+    capture.remove()
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 def label_generator(
@@ -193,9 +258,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         other_lr: float | None = None,
         layers: Iterable[nn.Module] | None = None,
         distributed: bool = False,
+        other_optimizer: type[torch.optim.Optimizer] | None = None,
+        other_optimizer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} takes the model (an nn.Module), not parameters or "
+                f"param groups; got {type(model).__name__}"
+            )
         model, self._ddp = _unwrap(model)
         distributed = distributed or self._ddp
         if distributed and not (dist.is_available() and dist.is_initialized()):
@@ -218,7 +288,26 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.inverse_every = _period("inverse_every", inverse_every)
         self.ema_decay = ema_decay
         self.factor_dtype = factor_dtype
-        self.capture = Capture(model, layers=layers, loss_reduction=loss_reduction)
+        if other_optimizer is not None and not (
+            isinstance(other_optimizer, type) and issubclass(other_optimizer, torch.optim.Optimizer)
+        ):
+            raise TypeError(
+                "other_optimizer must be a torch.optim.Optimizer class (e.g. torch.optim.AdamW); "
+                f"got {other_optimizer!r}"
+            )
+        if other_optimizer_kwargs is not None and other_optimizer is None:
+            raise ValueError("other_optimizer_kwargs needs other_optimizer")
+        other_kwargs = dict(other_optimizer_kwargs or {})
+        if "lr" in other_kwargs:
+            if other_lr is not None:
+                raise ValueError("give the fallback's learning rate once: other_lr or lr= in kwargs")
+            other_lr = other_kwargs.pop("lr")
+        self.capture = Capture(
+            model,
+            layers=select_layers(model, layers),
+            loss_reduction=loss_reduction,
+            repeated_calls="positions",
+        )
         if not self.capture.layers:
             raise ValueError(
                 "model has no supported layer (nn.Linear / nn.Conv2d with groups=1) to precondition"
@@ -226,7 +315,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.model = model
         captured = {id(p) for layer in self.capture for p in layer.module.parameters()}
         curvature_params = [p for layer in self.capture for p in layer.module.parameters()]
-        other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in captured]
+        # Frozen parameters are kept in the groups (they may be unfrozen later); no rule
+        # moves a parameter while its requires_grad is False.
+        other_params = [p for p in model.parameters() if id(p) not in captured]
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
         groups: list[dict[str, Any]] = [
             {"params": curvature_params, "damping": damping, "name": "curvature"},
@@ -237,10 +328,25 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             },
         ]
         super().__init__(groups, defaults)
+        #: The first-order fallback (``other_optimizer`` instance), or ``None`` for the built-in
+        #: momentum SGD. It holds every parameter: a captured layer whose hook did not fire
+        #: (or whose weight is frozen) is handed to it for that step.
+        self.other_optimizer: torch.optim.Optimizer | None = None
+        if other_optimizer is not None:
+            self.other_optimizer = other_optimizer(
+                curvature_params + other_params, lr=groups[1]["lr"], **other_kwargs
+            )
         self._layer_state: list[dict[str, Tensor]] = [{} for _ in self.capture.layers]
         self._steps = 0
         self.skipped_steps = 0
         self._warned_skip = False
+        self._handed: list[LayerCapture] = []
+        self._new_factors: list[Tensor] = []
+        # (grad tensor, its version) of every parameter at the end of the last step: a step
+        # with no new forward/backward since is refused.
+        self._seen_grads: dict[int, tuple[Any, int]] = {}
+        self._hook_handles: list[Any] = []
+        self._finalizer = weakref.finalize(self, _release, self.capture, self._hook_handles)
 
     # ------------------------------------------------------------------ public counters
 
@@ -265,8 +371,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return self._layer_state[self._layer_index(layer)]
 
     def remove_hooks(self) -> None:
-        """Detach the optimizer from the model (its capture hooks); it cannot step afterwards."""
+        """Detach the optimizer from the model (its capture and model hooks); it cannot step
+        afterwards. (A deleted optimizer releases them by itself when collected.)"""
         self.capture.remove()
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+
+    def _register_model_hook(self, method: Callable[..., Any]) -> Any:
+        """A forward hook on the model that calls ``method`` while the optimizer lives."""
+        handle = _register_weak_hook(self.model, method)
+        self._hook_handles.append(handle)
+        return handle
 
     # ------------------------------------------------------------------ subclass interface
 
@@ -313,7 +429,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             average = state[key] = rows.new_zeros((size, size))
             _symmetric_rank_k(average, rows, 0.0, alpha)
         else:
+            # Into a copy: the step commits its state only once everything succeeded (a
+            # fold that overflows must leave the stored average as it was).
+            average = state[key] = average.clone()
             _symmetric_rank_k(average, rows, self.ema_decay, (1 - self.ema_decay) * alpha)
+        self._new_factors.append(average)
 
     def factor(self, layer: int | str | nn.Module, key: str = "A") -> Tensor:
         """The averaged factor ``key`` (``"A"``, or K-FAC's ``"G"``) of one layer (by index,
@@ -416,20 +536,110 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.capture.clear()
 
     def _active_layers(self) -> list[tuple[int, LayerCapture]]:
+        """The layers preconditioned at this step: recorded calls (a layer called several
+        times is weight sharing: its calls are positions of the same examples) with errors
+        of the data backward, a trainable weight, and no gradient reaching their parameters
+        from outside their calls. Sets :attr:`_handed`: the layers with captures that fail
+        the last two conditions, handed to the first-order fallback for this step."""
         active = []
+        self._handed = []
         for index, layer in enumerate(self.capture.layers):
             if layer.calls == 0:
-                continue  # not used in this forward: no update, like SGD with grad None
-            if layer.calls > 1:
-                raise RuntimeError(
-                    f"layer {layer.name!r} was run {layer.calls} times since the last step; "
-                    f"{type(self).__name__} takes one forward/backward per step (call "
-                    "zero_grad() before each forward)"
-                )
+                continue  # not used: its parameters' .grad (if any) fall back
             if not layer.has_errors:
-                continue  # forward without backward through this layer
-            active.append((index, layer))
+                done = sum(call.errors is not None for call in layer._calls)
+                if done == 0:
+                    continue  # forward without backward through this layer
+                raise RuntimeError(
+                    f"layer {layer.name!r} was run {layer.calls} times since the last step but "
+                    f"only {done} of the calls were back-propagated: a forward since zero_grad() "
+                    "did not enter the loss (evaluate under torch.no_grad(), or call zero_grad() "
+                    "before the training forward)"
+                )
+            module = layer.module
+            outside = module.weight.grad is not None or (
+                layer.has_bias and module.bias.requires_grad and module.bias.grad is not None
+            )
+            if module.weight.requires_grad and not outside:
+                active.append((index, layer))
+            else:
+                self._handed.append(layer)
         return active
+
+    @staticmethod
+    def _trainable(layer: LayerCapture) -> Iterator[Tensor]:
+        """The parameters of a layer that a preconditioned step moves (frozen ones stay)."""
+        for p in layer.module.parameters(recurse=False):
+            if p.requires_grad:
+                yield p
+
+    def _fallback_params(self, active: list[tuple[int, LayerCapture]]) -> list[Tensor]:
+        """Every trainable parameter with a gradient that no preconditioned step moves."""
+        preconditioned = {id(p) for _, layer in active for p in self._trainable(layer)}
+        return [
+            p
+            for group in self.param_groups
+            for p in group["params"]
+            if p.requires_grad and p.grad is not None and id(p) not in preconditioned
+        ]
+
+    def _check_fresh(self, active: list[tuple[int, LayerCapture]]) -> None:
+        """Refuse a step without a new backward since the last one (it would re-apply stale
+        gradients of the fallback parameters and advance the schedule)."""
+        if active or self._handed:
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None or not p.requires_grad:
+                    continue
+                seen = self._seen_grads.get(id(p))
+                if seen is None or seen[0]() is not grad or seen[1] != grad._version:
+                    return
+        raise RuntimeError(
+            f"{type(self).__name__}.step() without a new forward and backward since the last "
+            "step (or since construction): nothing to step on. Run zero_grad(), the forward, "
+            "loss.backward(), then step()"
+        )
+
+    def _remember_grads(self) -> None:
+        seen = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    seen[id(p)] = (weakref.ref(p.grad), p.grad._version)
+        self._seen_grads = seen
+
+    def _check_damping(self, damping: Any) -> Any:
+        """``param_groups[0]["damping"]`` must be a positive finite number (subclasses may
+        accept more); checked before anything is updated."""
+        if (
+            isinstance(damping, bool)
+            or not isinstance(damping, (int, float))
+            or not math.isfinite(damping)
+            or damping <= 0
+        ):
+            raise ValueError(
+                f"param_groups[0]['damping'] must be a positive finite number; got {damping!r}"
+            )
+        return damping
+
+    @contextmanager
+    def _naming(self, layer: LayerCapture | list[LayerCapture] | None) -> Iterator[None]:
+        """Re-raise a numerical error of one layer's (or several layers') computation with
+        the name(s)."""
+        try:
+            yield
+        except (ValueError, torch.linalg.LinAlgError) as exc:
+            layers = [] if layer is None else (layer if isinstance(layer, list) else [layer])
+            if not layers or any(repr(one.name) in str(exc) for one in layers):
+                raise
+            where = (
+                f"layer {layers[0].name!r}"
+                if len(layers) == 1
+                else f"layers {[one.name for one in layers]}"
+            )
+            raise type(exc)(f"{where}: {exc}") from exc
 
     def _check_ready(self, active: list[tuple[int, LayerCapture]]) -> None:
         if not self._needs_sampled_errors:
@@ -455,9 +665,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for _, layer in active:
             # On the raw records: a convolution's unfolded a is not built for a sum.
             sums.append(layer.finite_sum(sampled=self._needs_sampled_errors))
-        for p in self.param_groups[1]["params"]:
-            if p.grad is not None:
-                sums.append(p.grad.sum(dtype=torch.float32))
+        for layer in self._handed:
+            sums.append(layer.finite_sum())
+        for p in self._fallback_params(active):
+            sums.append(p.grad.sum(dtype=torch.float32))
         total = torch.stack(sums).sum() if sums else torch.zeros((), dtype=torch.float32)
         if self.distributed and shared:
             # Every rank must take the same decision, or the collectives below deadlock.
@@ -486,31 +697,83 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         ``closure`` (optional) is called with grad enabled before the step, as in
         ``torch.optim``; it must run the forward and backward itself.
+
+        Failure rule: the step either completes or leaves the optimizer exactly as it was.
+        New factors, inverses and steps are computed into a staged copy of the layer states
+        and committed at the end; non-finite captures, gradients, new factors or steps skip
+        the step (``skipped_steps``); an error (a bad ``param_groups[0]["damping"]``, a
+        factor that stays indefinite, …) is raised naming the layer, before any parameter or
+        state has changed. A step with no new backward since the last one is refused.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        active = self._active_layers()
-        if not self._finite(active):
-            self._skip("non-finite gradients or captures")
-            self._on_skip()
-            self.capture.clear()
-            return loss
-        self._check_ready(active)
+        committed = self._layer_state
+        try:
+            damping = self._check_damping(self.param_groups[0]["damping"])
+            active = self._active_layers()
+            self._check_fresh(active)
+            if not self._finite(active):
+                return self._skipped(loss, "non-finite gradients or captures")
+            self._check_ready(active)
+            # Shallow copies: the subclass hooks write new tensors into them (a fold
+            # copies before its in-place update), the live dicts are updated at the end.
+            self._layer_state = [dict(state) for state in committed]
+            self._new_factors: list[Tensor] = []
+            applied = self._precondition(active, damping)
+            if applied is None:
+                self._layer_state = committed
+                return self._skipped(loss, "non-finite factors or preconditioned steps")
+        except BaseException:
+            self._layer_state = committed
+            self._new_factors = []
+            self._on_skip()  # e.g. rewind the label RNG: nothing of this step remains
+            raise
         group = self.param_groups[0]
-        damping = group["damping"]
+        for (index, layer), direction in zip(active, applied):
+            self._apply(layer, self._layer_state[index], direction, group)
+        for live, staged in zip(committed, self._layer_state):
+            if live is not staged:
+                live.clear()
+                live.update(staged)
+        self._layer_state = committed
+        self._new_factors = []
+        self._fallback_step(active)
+        self._steps += 1
+        self._remember_grads()
+        self.capture.clear()
+        return loss
+
+    def _skipped(self, loss: Any, why: str) -> Any:
+        self._skip(why)
+        self._on_skip()
+        self._new_factors = []
+        self._remember_grads()
+        self.capture.clear()
+        return loss
+
+    def _precondition(
+        self, active: list[tuple[int, LayerCapture]], damping: Any
+    ) -> list[Tensor | tuple[Tensor, Tensor, float]] | None:
+        """Fold, refresh and the preconditioned steps of the active layers, on the staged
+        states; ``None`` when a new factor or a step is not finite (the step is skipped)."""
         accumulate = self._period_due(self.update_every)
         folded = []
         for index, layer in active:
             state = self._layer_state[index]
             if accumulate or not self._has_factors(state):
-                self._accumulate(layer, state)
+                with self._naming(layer):
+                    self._accumulate(layer, state)
                 folded.append(state)
         if self.distributed and folded:
             self._average_over_ranks(
                 [s[k] for s in folded for k in ("A", "G") if k in s] + self._reduced_with_factors()
             )
+        if folded and not self._all_finite(
+            self._new_factors or [s[k] for s in folded for k in ("A", "G") if k in s]
+        ):
+            return None
         refresh = self._period_due(self.inverse_every)
         stale = [
             (index, layer)
@@ -518,30 +781,91 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if refresh or not self._has_preconditioner(self._layer_state[index])
         ]
         if self.distributed and stale:
-            self._refresh_spread(stale, damping)
+            with self._naming(stale[0][1] if len(stale) == 1 else None):
+                self._refresh_spread(stale, damping)
         else:
             for index, layer in stale:
-                self._refresh(layer, self._layer_state[index], damping)
-        directions = [
-            self._direction(layer, self._layer_state[index], damping) for index, layer in active
-        ]
+                with self._naming(layer):
+                    self._refresh(layer, self._layer_state[index], damping)
+        directions = []
+        for index, layer in active:
+            with self._naming(layer):
+                directions.append(self._direction(layer, self._layer_state[index], damping))
         if self.distributed:
             # The preconditioner is the same on every rank (averaged factors), so the mean of
             # the ranks' steps is the step of the whole batch; other gradients are averaged.
             directions = [self._dense(direction) for direction in directions]
             self._average_over_ranks(directions + self._other_grads_to_average())
-        for (index, layer), direction in zip(active, directions):
-            self._apply(layer, self._layer_state[index], direction, group)
-        self._sgd(self.param_groups[1])
-        self._steps += 1
-        self.capture.clear()
-        return loss
+        parts = [t for d in directions for t in (d[:2] if isinstance(d, tuple) else (d,))]
+        if parts and not self._all_finite(parts):
+            return None
+        return directions
+
+    def _all_finite(self, tensors: list[Tensor]) -> bool:
+        """Whether every tensor is finite (one reduction each, one host sync; shared over the
+        ranks so that they skip together)."""
+        total = torch.stack([t.sum(dtype=torch.float32) for t in tensors]).sum()
+        if self.distributed:
+            flag = torch.isfinite(total).to(torch.float32).reshape(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            return bool(flag.item() == 1)
+        return bool(torch.isfinite(total))
+
+    def _fallback_step(self, active: list[tuple[int, LayerCapture]]) -> None:
+        """The first-order rule on every trainable parameter with a gradient that the
+        preconditioned step did not move: the other parameters, captured layers whose hook
+        did not fire (their autograd ``.grad``), and the handed layers (:attr:`_handed`:
+        frozen weight, or gradient from outside their calls), whose captured gradient is
+        added to their ``.grad`` for the step."""
+        created = []
+        gradients = [layer.gradient() for layer in self._handed]
+        if self.distributed and gradients:
+            self._average_over_ranks(gradients)  # the handed set is the same on every rank
+        for layer, gradient in zip(self._handed, gradients):
+            weight_part, bias_part = matrix_to_parameters(gradient, layer.module)
+            for p, part in ((layer.module.weight, weight_part), (layer.module.bias, bias_part)):
+                if p is None or part is None or not p.requires_grad:
+                    continue
+                if p.grad is None:
+                    p.grad = part.to(p.dtype).contiguous()
+                    created.append(p)
+                else:
+                    p.grad.add_(part.to(p.grad.dtype))
+        try:
+            params = self._fallback_params(active)
+            if self.other_optimizer is None:
+                self._sgd(self.param_groups[1], params)
+            else:
+                self._other_step(params)
+        finally:
+            for p in created:
+                p.grad = None
+
+    def _other_step(self, params: list[Tensor]) -> None:
+        """``other_optimizer.step()`` on ``params`` only (the other gradients are hidden for
+        the call), at the learning rate of ``param_groups[1]`` (LR schedulers act on it)."""
+        assert self.other_optimizer is not None
+        chosen = {id(p) for p in params}
+        hidden = []
+        for group in self.other_optimizer.param_groups:
+            group["lr"] = self.param_groups[1]["lr"]
+            for p in group["params"]:
+                if p.grad is not None and id(p) not in chosen:
+                    hidden.append((p, p.grad))
+                    p.grad = None
+        try:
+            self.other_optimizer.step()
+        finally:
+            for p, grad in hidden:
+                p.grad = grad
 
     def _other_grads_to_average(self) -> list[Tensor]:
         """The other parameters' gradients, unless DDP has averaged them already."""
         if self._ddp:
             return []
-        return [p.grad for p in self.param_groups[1]["params"] if p.grad is not None]
+        return [
+            p.grad for p in self.param_groups[1]["params"] if p.grad is not None and p.requires_grad
+        ]
 
     def _reduced_with_factors(self) -> list[Tensor]:
         """Extra tensors averaged over the ranks together with the folded factors."""
@@ -622,7 +946,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """
         weight = layer.module.weight
         d_w = layer.d_in - int(layer.has_bias)
-        bias = layer.module.bias if layer.has_bias else None
+        # A frozen bias keeps its column in the factors but is not moved.
+        bias = layer.module.bias if layer.has_bias and layer.module.bias.requires_grad else None
         if weight.is_contiguous():
             self._apply_to(weight.view(layer.d_out, d_w), bias, state, direction, group)
         else:  # e.g. channels_last: update a reshaped copy and write it back
@@ -681,11 +1006,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return (left.mT @ right) * alpha
         return direction
 
-    def _sgd(self, group: dict[str, Any]) -> None:
-        """``torch.optim.SGD`` (dampening 0, no Nesterov) on the non-captured parameters."""
+    def _sgd(self, group: dict[str, Any], params: list[Tensor] | None = None) -> None:
+        """``torch.optim.SGD`` (dampening 0, no Nesterov) with the hyperparameters of
+        ``group`` on ``params`` (default: the group's trainable parameters)."""
         lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
-        for p in group["params"]:
-            if p.grad is None:
+        for p in group["params"] if params is None else params:
+            if p.grad is None or not p.requires_grad:
                 continue
             d = p.grad if not decay else p.grad.add(p, alpha=decay)
             if momentum:
@@ -713,6 +1039,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 {key: value.clone() for key, value in state.items()} for state in self._layer_state
             ],
             "layer_names": [layer.name for layer in self.capture.layers],
+            "layer_shapes": [(layer.d_out, layer.d_in) for layer in self.capture.layers],
             "steps": self._steps,
             "skipped_steps": self.skipped_steps,
             "schedule": {
@@ -722,19 +1049,83 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             },
             "extra": self._extra_state(),
         }
+        if self.other_optimizer is not None:
+            # Copied: torch.optim's state_dict references the live moments, and a
+            # load_state_dict in the same process would share them with this optimizer.
+            other = self.other_optimizer.state_dict()
+            other["state"] = {
+                key: {
+                    name: value.clone() if isinstance(value, Tensor) else value
+                    for name, value in entry.items()
+                }
+                for key, entry in other["state"].items()
+            }
+            base["curvlinalg"]["other_optimizer"] = other
         return base
+
+    def _check_loadable(self, ours: dict[str, Any], state_dict: dict[str, Any]) -> None:
+        """Refuse, naming the layer or parameter, a state dict of a model of other shapes."""
+        names = [layer.name for layer in self.capture.layers]
+        if list(ours["layer_names"]) != names:
+            raise ValueError(
+                f"state_dict holds layers {ours['layer_names']} but this optimizer captures {names}"
+            )
+        shapes = ours.get("layer_shapes")
+        for position, (layer, saved) in enumerate(zip(self.capture.layers, ours["layers"])):
+            d_in_ok = {layer.d_in, _padded_width(layer.d_in)}
+            wrong = shapes is not None and tuple(shapes[position]) != (layer.d_out, layer.d_in)
+            for key, value in saved.items():
+                if not isinstance(value, Tensor) or value.ndim == 0:
+                    continue
+                if key.startswith("A") and value.ndim == 2 and value.shape[-1] not in d_in_ok:
+                    wrong = True
+                if key.startswith("G") and value.shape[0] != layer.d_out:
+                    wrong = True
+                if key.startswith("momentum") and value.shape[0] != layer.d_out:
+                    wrong = True
+            if wrong:
+                got = tuple(shapes[position]) if shapes is not None else "other shapes"
+                raise ValueError(
+                    f"state_dict does not fit layer {layer.name!r}: its gradient block is "
+                    f"{(layer.d_out, layer.d_in)} here, the saved state has {got}"
+                )
+        params = [p for group in self.param_groups for p in group["params"]]
+        self._check_param_states(state_dict.get("state", {}), params, "state_dict")
+        other = ours.get("other_optimizer")
+        if (other is None) != (self.other_optimizer is None):
+            raise ValueError(
+                "state_dict was saved "
+                + ("with" if other is not None else "without")
+                + " an other_optimizer, this optimizer has "
+                + ("none" if self.other_optimizer is None else "one")
+            )
+        if other is not None and self.other_optimizer is not None:
+            others = [p for group in self.other_optimizer.param_groups for p in group["params"]]
+            self._check_param_states(other.get("state", {}), others, "other_optimizer state")
+
+    def _check_param_states(self, states: dict[Any, Any], params: list[Tensor], what: str) -> None:
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        for key, entry in states.items():
+            if not isinstance(key, int) or not 0 <= key < len(params):
+                continue
+            p = params[key]
+            for field, value in entry.items():
+                if isinstance(value, Tensor) and value.ndim > 0 and value.shape != p.shape:
+                    raise ValueError(
+                        f"{what} does not fit parameter {names.get(id(p), key)!r}: its "
+                        f"{field!r} has shape {tuple(value.shape)}, the parameter "
+                        f"{tuple(p.shape)}"
+                    )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         ours = state_dict.pop("curvlinalg", None)
         if ours is None:
             raise ValueError("state_dict has no 'curvlinalg' entry: not from this optimizer")
-        names = [layer.name for layer in self.capture.layers]
-        if list(ours["layer_names"]) != names:
-            raise ValueError(
-                f"state_dict holds layers {ours['layer_names']} but this optimizer captures {names}"
-            )
+        self._check_loadable(ours, state_dict)
         super().load_state_dict(state_dict)
+        if self.other_optimizer is not None:
+            self.other_optimizer.load_state_dict(ours["other_optimizer"])
         self._layer_state = []
         for layer, saved in zip(self.capture.layers, ours["layers"]):
             device = layer.module.weight.device

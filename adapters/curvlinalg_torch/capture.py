@@ -25,7 +25,10 @@ For a captured layer with weight ``W`` and a batch of ``B`` examples:
 
 Supported layers: ``nn.Linear`` and ``nn.Conv2d`` with ``groups=1`` (any stride, padding —
 also ``"same"`` and non-zero ``padding_mode`` — and dilation), with or without bias, whose
-weight requires grad. :func:`find_layers` lists them; other modules are not captured.
+weight requires grad. :func:`find_layers` lists them; other modules are not captured, and
+neither are the ``nn.Linear`` children of an ``nn.MultiheadAttention`` (its ``out_proj`` is
+never *called*: the attention reads ``out_proj.weight`` directly, so a hook would never fire
+and the parameters keep their ordinary autograd gradients instead).
 
 The training-loop pattern
 -------------------------
@@ -67,18 +70,25 @@ Cost model (why the capture is built this way)
   (batch 512, factors every 30 steps) that made a K-FAC step about as cheap as an SGD step,
   from 2.4× before (one thread, ``bench/README.md``).
 
-Limits: one capture per module at a time; no double backward through a captured layer
+Limits: one capture per module at a time (a capture that is garbage collected releases its
+hooks; :meth:`Capture.remove` does it at once); no double backward through a captured layer
 (``create_graph=True``); ``torch.func`` transforms are not supported inside a capture. A layer
 applied several times in one recorded pass (weight sharing, several forwards before a
-``clear``) keeps one record per call, in call order; :attr:`LayerCapture.a` and
-:attr:`LayerCapture.e` then concatenate the calls along the batch axis (each call is
-treated as separate examples), and :attr:`LayerCapture.calls` tells how many there were.
+``clear``) keeps one record per call, in call order; :attr:`LayerCapture.calls` tells how many
+there were. How :attr:`LayerCapture.a` and :attr:`LayerCapture.e` join them is
+``repeated_calls``: ``"examples"`` (default) concatenates the calls along the batch axis (each
+call is separate examples); ``"positions"`` — what the optimizers use, the K-FAC-expand
+convention of weight sharing — joins them along the position axis, ``(B, Σ_c T_c, d)``: the
+calls are positions of the *same* ``B`` examples (every call must have the same batch size),
+so ``Σ_t e_itᵀ a_it`` is example ``i``'s gradient through all its uses of the layer.
 Inputs modified in place after the forward are detected when ``a`` is read.
 """
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -102,6 +112,7 @@ __all__ = [
 ]
 
 LossReduction = Literal["mean", "sum"]
+RepeatedCalls = Literal["examples", "positions"]
 
 
 # --------------------------------------------------------------------------------------
@@ -118,8 +129,20 @@ def supported(module: nn.Module) -> bool:
 
 
 def find_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every supported layer of ``model``, in ``named_modules`` order."""
-    return [(name, module) for name, module in model.named_modules() if supported(module)]
+    """``(name, module)`` of every supported layer of ``model``, in ``named_modules`` order,
+    except the ``nn.Linear`` children of an ``nn.MultiheadAttention`` (never called: the
+    attention reads their weights directly)."""
+    inside_attention = {
+        id(child)
+        for module in model.modules()
+        if isinstance(module, nn.MultiheadAttention)
+        for child in module.children()
+    }
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if supported(module) and id(module) not in inside_attention
+    ]
 
 
 def _has_bias(module: nn.Module) -> bool:
@@ -288,7 +311,9 @@ class LayerCapture:
         self.d_out, self.d_in = gradient_shape(module)
         self._calls: list[_Call] = []
         self._cache: dict[str, Tensor] = {}
-        self._handle = module.register_forward_hook(self._forward_hook)
+        # The hook holds the layer weakly: a capture nobody references can be collected
+        # (and its finalizer removes the hooks) although the module outlives it.
+        self._handle = module.register_forward_hook(_weak_hook(self))
 
     def __repr__(self) -> str:
         return (
@@ -366,8 +391,33 @@ class LayerCapture:
 
     @property
     def batch_size(self) -> int:
-        """``B``: examples in the recorded calls (summed over calls)."""
+        """``B``: examples in the recorded calls (summed over calls; with
+        ``repeated_calls="positions"`` the batch of one call, which every call shares)."""
+        if self.capture.repeated_calls == "positions" and self._calls:
+            return _batch(self._same_batch())
         return sum(_batch(call) for call in self._calls)
+
+    def _same_batch(self) -> _Call:
+        """The first call, after checking that every call has its batch size."""
+        calls = self._calls
+        sizes = {_batch(call) for call in calls}
+        if len(sizes) > 1:
+            raise RuntimeError(
+                f"layer {self.name!r} was called {len(calls)} times with batch sizes "
+                f"{[_batch(call) for call in calls]}: its calls are positions of the same "
+                "examples (weight sharing), which needs one batch size; call zero_grad() "
+                "between the forward passes of different batches"
+            )
+        return calls[0]
+
+    def _join(self, parts: list[Tensor]) -> Tensor:
+        """The per-call tensors joined as ``repeated_calls`` says (each is (B, [T,] d))."""
+        if len(parts) == 1:
+            return parts[0]
+        if self.capture.repeated_calls == "examples":
+            return torch.cat(parts, dim=0)
+        self._same_batch()
+        return torch.cat([part if part.ndim == 3 else part[:, None] for part in parts], dim=1)
 
     def _require_calls(self) -> list[_Call]:
         if not self._calls:
@@ -396,7 +446,7 @@ class LayerCapture:
             for call in self._require_calls():
                 self._check_unmodified(call)
                 parts.append(self._unfold(call.inputs))
-            cached = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            cached = self._join(parts)
             self._cache["a"] = cached
         return cached
 
@@ -457,7 +507,7 @@ class LayerCapture:
                 grad = grad[None] if grad.ndim == 3 else grad
                 rows = grad.flatten(2).mT  # (B, T, C_out)
             parts.append(rows.contiguous())
-        result = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        result = self._join(parts)
         self._cache[key] = result
         return result
 
@@ -557,6 +607,34 @@ class LayerCapture:
         self._clear()
 
 
+def _weak_hook(layer: LayerCapture) -> Any:
+    """A forward hook that calls ``layer._forward_hook`` while ``layer`` is alive."""
+    reference = weakref.ref(layer)
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Any:
+        target = reference()
+        if target is None or target.module is not module:  # dead, or a deepcopy's hook
+            return None
+        return target._forward_hook(module, args, output)
+
+    return hook
+
+
+def _owner(module: nn.Module) -> Capture | None:
+    """The live :class:`Capture` hooking ``module``, if any."""
+    reference = getattr(module, "_curvlinalg_capture", None)
+    owner = reference() if isinstance(reference, weakref.ref) else None
+    # A deepcopy of a captured module copies the attribute, not the capture.
+    if owner is None or not any(layer.module is module for layer in owner.layers):
+        return None
+    return owner
+
+
+def _release(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+
+
 def _explicit_padding(module: nn.Conv2d) -> tuple[tuple[int, ...], str] | None:
     """``(F.pad widths, F.pad mode)`` when the module's padding must be applied explicitly (a
     non-zero ``padding_mode`` or a string padding, whose ``"same"`` may be asymmetric);
@@ -610,6 +688,9 @@ class Capture:
         errors: store ``e`` on the data backward (``False``: inputs only).
         weight_grads: also accumulate ``W.grad``/``b.grad`` of captured layers, as plain
             autograd would (``False``: skip that product, which factored optimizers discard).
+        repeated_calls: how the records of a layer called several times are joined:
+            ``"examples"`` (along the batch) or ``"positions"`` (the calls are positions of
+            the same examples; see the module docstring).
 
     Hooks are registered at construction and removed by :meth:`remove` (or on leaving a
     ``with`` block). ``enabled = False`` pauses recording. Records accumulate until
@@ -624,11 +705,16 @@ class Capture:
         loss_reduction: LossReduction = "mean",
         errors: bool = True,
         weight_grads: bool = False,
+        repeated_calls: RepeatedCalls = "examples",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum'; got {loss_reduction!r}")
+        if repeated_calls not in ("examples", "positions"):
+            raise ValueError(
+                f"repeated_calls must be 'examples' or 'positions'; got {repeated_calls!r}"
+            )
         names = {id(module): name for name, module in model.named_modules()}
         if layers is None:
             chosen = find_layers(model)
@@ -640,23 +726,31 @@ class Capture:
                         f"layers contains a {type(module).__name__} that is not part of model"
                     )
                 chosen.append((names[id(module)], module))
+        if any(_owner(module) is not None for _, module in chosen):
+            # An optimizer or capture that nobody references any more may be waiting for the
+            # cycle collector; its finalizer releases the hooks.
+            gc.collect()
         for _, module in chosen:
-            if getattr(module, "_curvlinalg_capture", None) is not None:
+            if _owner(module) is not None:
                 raise ValueError(
-                    f"layer {names[id(module)]!r} is already captured by another Capture; "
-                    "remove() that one first"
+                    f"layer {names[id(module)]!r} is already captured by another Capture (an "
+                    "optimizer's or a Laplace's): call that optimizer's remove_hooks() (or the "
+                    "Capture's remove()) first, or delete it"
                 )
         self.model = model
         self.loss_reduction: LossReduction = loss_reduction
         self._scale_is_one = loss_reduction == "sum"
         self.errors = errors
         self.weight_grads = weight_grads
+        self.repeated_calls: RepeatedCalls = repeated_calls
         self.enabled = True
         self._sampled_pass = False
         self.layers: list[LayerCapture] = []
         for name, module in chosen:
             self.layers.append(LayerCapture(self, name, module))
-            module._curvlinalg_capture = self  # type: ignore[assignment]
+            module._curvlinalg_capture = weakref.ref(self)  # type: ignore[assignment]
+        # Garbage collection of the capture removes its hooks (no reference to self here).
+        self._finalizer = weakref.finalize(self, _release, [layer._handle for layer in self.layers])
 
     def __repr__(self) -> str:
         return f"Capture({len(self.layers)} layers, loss_reduction={self.loss_reduction!r})"
@@ -682,7 +776,9 @@ class Capture:
         """Remove the hooks (the capture cannot record afterwards) and clear."""
         for layer in self.layers:
             layer._remove()
-            layer.module._curvlinalg_capture = None  # type: ignore[assignment]
+            if _owner(layer.module) is self:
+                layer.module._curvlinalg_capture = None  # type: ignore[assignment]
+        self._finalizer.detach()
 
     def captures(self, which: Literal["data", "sampled"] = "data") -> list[tuple[Tensor, Tensor]]:
         """``[(a, e), ...]`` per layer for the curvlinalg core: ``which="data"`` uses
@@ -715,9 +811,19 @@ class Capture:
                 f"shape mismatch: output has shape {tuple(output.shape)} but output_errors "
                 f"has {tuple(output_errors.shape)}"
             )
-        weights = [layer.module.weight for layer in self.layers if layer._calls]
+        # Only trainable parameters can be requested (frozen ones raise in autograd).
+        weights = [
+            p
+            for layer in self.layers
+            if layer._calls
+            for p in layer.module.parameters(recurse=False)
+            if p.requires_grad
+        ]
         if not weights:
-            raise RuntimeError("no captured layer has a recorded forward pass to back-propagate")
+            raise RuntimeError(
+                "no captured layer has a recorded forward pass (with a trainable parameter) "
+                "to back-propagate"
+            )
         self._sampled_pass = True
         try:
             # Gradients w.r.t. the captured weights are *requested* so that autograd runs

@@ -88,6 +88,8 @@ class FOOF(CurvatureOptimizer):
         other_lr: float | None = None,
         layers: Iterable[nn.Module] | None = None,
         distributed: bool = False,
+        other_optimizer: type[torch.optim.Optimizer] | None = None,
+        other_optimizer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping <= 0:
             raise ValueError(f"damping must be a positive number; got {damping!r}")
@@ -105,6 +107,8 @@ class FOOF(CurvatureOptimizer):
             other_lr=other_lr,
             layers=layers,
             distributed=distributed,
+            other_optimizer=other_optimizer,
+            other_optimizer_kwargs=other_optimizer_kwargs,
         )
 
     def _accumulate(self, layer: LayerCapture, state: dict[str, Tensor]) -> None:

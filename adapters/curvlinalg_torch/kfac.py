@@ -38,6 +38,7 @@ non-finite steps, state dicts, the SGD group) is :class:`CurvatureOptimizer`'s.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -70,8 +71,8 @@ class KFAC(CurvatureOptimizer):
         generator: ``torch.Generator`` for the MC labels (default: a new one on the model's
             device seeded with ``seed``, or from torch's global RNG when ``seed`` is None).
         seed: seed of the default generator.
-        momentum, weight_decay, ema_decay, update_every, inverse_every, factor_dtype,
-        loss_reduction, other_lr, layers, distributed: as for :class:`FOOF`.
+        momentum, weight_decay, ema_decay, update_every, inverse_every: as for :class:`FOOF`.
+        factor_dtype, loss_reduction, other_lr, layers, distributed: as for :class:`FOOF`.
 
     Per-layer state: ``"A"``, ``"G"`` (averages, stored as upper triangles: read them with
     ``optimizer.factor(layer, key)``), ``"A_inv"``, ``"G_inv"`` (factored) or
@@ -99,6 +100,8 @@ class KFAC(CurvatureOptimizer):
         generator: torch.Generator | None = None,
         seed: int | None = None,
         distributed: bool = False,
+        other_optimizer: type[torch.optim.Optimizer] | None = None,
+        other_optimizer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if fisher not in ("mc", "empirical"):
             raise ValueError(f"fisher must be 'mc' or 'empirical'; got {fisher!r}")
@@ -119,6 +122,8 @@ class KFAC(CurvatureOptimizer):
             other_lr=other_lr,
             layers=layers,
             distributed=distributed,
+            other_optimizer=other_optimizer,
+            other_optimizer_kwargs=other_optimizer_kwargs,
         )
         self.fisher: FisherType = fisher
         self.damping_rule: DampingRule = damping_rule
@@ -127,7 +132,7 @@ class KFAC(CurvatureOptimizer):
         self._sample_handle = None
         if fisher == "mc":
             self.generator: torch.Generator | None = label_generator(self.model, generator, seed)
-            self._sample_handle = self.model.register_forward_hook(self._sample_hook)
+            self._sample_handle = self._register_model_hook(self._sample_hook)
         else:
             self.generator = None
 
@@ -154,6 +159,19 @@ class KFAC(CurvatureOptimizer):
         assert self.generator is not None
         self._rng_before = self.generator.get_state()
         self.capture.backward_sampled(output, self.generator)
+
+    def _check_damping(self, damping: Any) -> Any:
+        if isinstance(damping, tuple) and self.damping_rule == "factored":
+            if len(damping) == 2 and all(
+                not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+                for v in damping
+            ):
+                return damping
+            raise ValueError(
+                "param_groups[0]['damping'] must be a positive finite number or a pair of them; "
+                f"got {damping!r}"
+            )
+        return super()._check_damping(damping)
 
     def _on_skip(self) -> None:
         # A skipped step leaves every state untouched, the label RNG included.

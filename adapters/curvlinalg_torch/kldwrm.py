@@ -193,8 +193,9 @@ class KLDWRM(KFAC):
             factor ``ω`` (inner step ``ω·lr``), inner momentum, weight ``ζ/κ`` of the exact KL
             wake and the divergence (``"categorical"``, ``"gaussian"`` or a callable
             ``(outputs, reference) → 0-d tensor``).
-        momentum, weight_decay, update_every, inverse_every, factor_dtype, loss_reduction,
-        other_lr, layers, generator, seed: as for :class:`~curvlinalg_torch.KFAC`.
+        momentum, weight_decay, update_every, inverse_every, factor_dtype: as for
+            :class:`~curvlinalg_torch.KFAC`.
+        loss_reduction, other_lr, layers, generator, seed: as for :class:`~curvlinalg_torch.KFAC`.
         distributed: as for :class:`~curvlinalg_torch.FOOF` (SO and Q; the batch's own
             factors ``B_k`` are averaged over the ranks with the factor averages).
 
@@ -234,6 +235,8 @@ class KLDWRM(KFAC):
         generator: torch.Generator | None = None,
         seed: int | None = None,
         distributed: bool = False,
+        other_optimizer: type[torch.optim.Optimizer] | None = None,
+        other_optimizer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if variant not in ("so", "q", "qe"):
             raise ValueError(f"variant must be 'so', 'q' or 'qe'; got {variant!r}")
@@ -287,6 +290,8 @@ class KLDWRM(KFAC):
             generator=generator,
             seed=seed,
             distributed=distributed,
+            other_optimizer=other_optimizer,
+            other_optimizer_kwargs=other_optimizer_kwargs,
         )
         self.variant: Variant = variant
         self.rho = float(rho)
@@ -345,8 +350,11 @@ class KLDWRM(KFAC):
         errors = self._captured(layer, "e_sampled" if self.fisher == "mc" else "e")
         g_new = kron.factor(errors, check_finite=False)
         self._local[id(state)] = (a_new, g_new)
-        state["A"] = wake.average(state.get("A"), a_new, self.rho)
-        state["G"] = wake.average(state.get("G"), g_new, self.rho)
+        # Unchecked here: a non-finite new factor skips the step (the base class checks
+        # _new_factors before anything is committed).
+        state["A"] = wake.average(state.get("A"), a_new, self.rho, check_finite=False)
+        state["G"] = wake.average(state.get("G"), g_new, self.rho, check_finite=False)
+        self._new_factors += [state["A"], state["G"]]
 
     def _has_preconditioner(self, state: dict[str, Tensor]) -> bool:
         if self.variant == "so":

@@ -319,7 +319,14 @@ class NaturalGradient(CurvatureOptimizer):
         generator: torch.Generator | None = None,
         seed: int | None = None,
         distributed: bool = False,
+        other_optimizer: type[torch.optim.Optimizer] | None = None,
+        other_optimizer_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                "NaturalGradient takes the model (an nn.Module), not parameters or param "
+                f"groups; got {type(model).__name__}"
+            )
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
             raise ValueError(f"damping must be a positive number; got {damping!r}")
         if fisher not in ("mc", "empirical", "exact"):
@@ -352,6 +359,8 @@ class NaturalGradient(CurvatureOptimizer):
             other_lr=other_lr,
             layers=layers,
             distributed=distributed,
+            other_optimizer=other_optimizer,
+            other_optimizer_kwargs=other_optimizer_kwargs,
         )
         self.fisher: FisherType = fisher
         self.structure: Structure = structure
@@ -366,7 +375,7 @@ class NaturalGradient(CurvatureOptimizer):
         if fisher == "mc":
             self.generator = label_generator(self.model, generator, seed)
         if fisher in ("mc", "exact"):
-            self._sample_handle = self.model.register_forward_hook(self._fisher_hook)
+            self._sample_handle = self._register_model_hook(self._fisher_hook)
 
     # ------------------------------------------------------------------ schedule
 
@@ -409,7 +418,7 @@ class NaturalGradient(CurvatureOptimizer):
 
     def remove_hooks(self) -> None:
         """Detach the optimizer from the model (capture and Fisher hooks)."""
-        self.capture.remove()
+        super().remove_hooks()
         if self._sample_handle is not None:
             self._sample_handle.remove()
             self._sample_handle = None
@@ -454,12 +463,26 @@ class NaturalGradient(CurvatureOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        """Take one natural-gradient step from the captures of the last forward/backward."""
+        """Take one natural-gradient step from the captures of the last forward/backward.
+
+        The failure rule of :meth:`CurvatureOptimizer.step` holds: an error (bad damping,
+        a Gram matrix that is not positive definite) is raised naming the layers before any
+        parameter or state changed; a non-finite step is skipped."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        active = self._active_layers()
+        try:
+            self._check_damping(self.param_groups[0]["damping"])
+            active = self._active_layers()
+            self._check_fresh(active)
+            with self._naming([layer for _, layer in active]):
+                return self._step(active, loss)
+        except BaseException:
+            self._on_skip()
+            raise
+
+    def _step(self, active: list[tuple[int, LayerCapture]], loss: Any) -> Any:
         due = self._fisher_due()
         fisher_pairs: list[tuple[Tensor, Tensor]] | None = None
         rows = 1
@@ -484,14 +507,12 @@ class NaturalGradient(CurvatureOptimizer):
                         data if self.fisher == "empirical" else _gather_pairs(fisher_pairs)
                     )
         if not finite:
-            self._skip("non-finite gradients or captures")
-            self._on_skip()
-            self.capture.clear()
-            return loss
+            return self._skipped(loss, "non-finite gradients or captures")
         group = self.param_groups[0]
         damping = float(group["damping"])
         indices = tuple(index for index, _ in active)
         built_now = False
+        kept = self._factor
         if active:
             factor = self._factor
             if self.fisher_batch == "same" or factor is None:
@@ -509,23 +530,39 @@ class NaturalGradient(CurvatureOptimizer):
                 factor = self._build(
                     factor.indices, factor.pairs, factor.rows, damping, from_data=False
                 )
-            if self.fisher_batch == "independent":
-                self._factor = factor
             directions = self._directions(factor, active, data, damping)  # type: ignore[arg-type]
+            parts = [
+                t
+                for d in directions
+                for t in (d if isinstance(d, _Step) else (d,))
+                if t is not None
+            ]
+            if parts and not bool(
+                torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in parts]).sum())
+            ):
+                self._factor = kept
+                return self._skipped(loss, "non-finite preconditioned steps")
+            next_factor = factor
+            if self.fisher_batch == "independent" and due and not built_now:
+                assert fisher_pairs is not None
+                # Built before any update: a Gram that fails raises with nothing changed.
+                next_factor = self._build(indices, fisher_pairs, rows, damping, from_data=False)
             for (index, layer), direction in zip(active, directions):
                 self._update(layer, self._layer_state[index], direction, group)
+            if self.fisher_batch == "independent":
+                self._factor = next_factor
         if self.distributed:
             self._average_over_ranks(self._other_grads_to_average())
-        self._sgd(self.param_groups[1])
-        if self.fisher_batch == "independent" and active and due and not built_now:
-            assert fisher_pairs is not None
-            self._factor = self._build(indices, fisher_pairs, rows, damping, from_data=False)
-        elif self.fisher_batch == "independent" and self._factor is not None:
+        self._fallback_step(active)
+        if self.fisher_batch == "independent" and self._factor is not None and not (
+            active and due and not built_now
+        ):
             # Captures of this step are no longer "the data captures" at the next step.
             self._factor.from_data = False
         self._steps += 1
         self._pending = None
         self._rng_before = None
+        self._remember_grads()
         self.capture.clear()
         return loss
 
@@ -640,7 +677,8 @@ class NaturalGradient(CurvatureOptimizer):
         lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
         module = layer.module
         weight = module.weight
-        bias = module.bias if layer.has_bias else None
+        # A frozen bias keeps its column in the captures but is not moved.
+        bias = module.bias if layer.has_bias and module.bias.requires_grad else None
         d_w = layer.d_in - int(layer.has_bias)
         contiguous = weight.is_contiguous()
         # A non-contiguous weight (channels_last) is updated through a reshaped copy.
