@@ -21,7 +21,7 @@ EK-FAC, once more for the eigenvalue correction:
    a column of ones for the bias). ``ẽ`` are the errors of the Fisher's labels: data labels
    (``fisher="empirical"``) or labels sampled from the model's softmax (``fisher="mc"``,
    classifiers with ``(B, C)`` logits).
-2. ``A = U_A diag(s_A) U_Aᵀ``, ``G = U_G diag(s_G) U_Gᵀ`` (``kron.eigh``).
+2. ``A = U_A diag(s_A) U_Aᵀ``, ``G = U_G diag(s_G) U_Gᵀ`` (``kron.eigh``, in float64).
 3. EK-FAC only: ``S = (1/N) Σ_i (U_Gᵀ g̃_i U_A)²`` over the loader (``kron.eigen_correction``
    per batch, weighted by its size), ``g̃_i`` the Fisher-label gradients.
 
@@ -436,9 +436,11 @@ class _Session:
 
 
 def _eigh(m: Tensor) -> kron.Eigh:
-    # Eigenvalues of a PSD factor can come out slightly negative by rounding.
-    values, vectors = kron.eigh(m, check_finite=False)
-    return kron.Eigh(values.clamp_min(0), vectors)
+    """``kron.eigh`` in float64 (small eigenvalues of a float32 factor are otherwise lost to
+    rounding; once per fit), returned in ``m``'s dtype. Eigenvalues of a PSD factor can come
+    out slightly negative by rounding: they are clamped at 0."""
+    values, vectors = kron.eigh(m.to(torch.float64), check_finite=False)
+    return kron.Eigh(values.clamp_min(0).to(m.dtype), vectors.to(m.dtype))
 
 
 def _is_batch(value: Any) -> bool:

@@ -232,3 +232,18 @@ def test_argument_validation():
     only_first = Influence(model, modules=["0"], damping=DAMPING).fit(mlp_batches(1))
     assert [layer.name for layer in only_first.factors] == ["0"]
     assert capture.find_layers(model)[0][0] == "0"
+
+
+def test_float32_factors_agree_with_float64():
+    """A float32 model and factors (eigendecompositions in float64) give the float64 scores
+    to float32 accuracy."""
+    train = batches(2, batch=4, seed=1)
+    query = batches(1, batch=3, seed=2)[0]
+    wide = Influence(tiny_net(), damping=DAMPING, factor_dtype=torch.float64).fit(train)
+    expected = wide.pairwise_scores(query, train)
+    to32 = [(x.float(), y) for x, y in train]
+    narrow = Influence(tiny_net(torch.float32), damping=DAMPING).fit(to32)
+    scores = narrow.pairwise_scores((query[0].float(), query[1]), to32)
+    assert scores.dtype == torch.float32
+    error = (scores.double() - expected).norm() / expected.norm()
+    assert error <= 1e-4, error
