@@ -124,7 +124,7 @@ from torch import Tensor, nn
 
 from curvlinalg import kron, wake
 
-from .capture import LayerCapture, LossReduction, add_matrix_, parameters_to_matrix
+from .capture import LayerCapture, LossReduction, matrix_to_parameters, parameters_to_matrix
 from .kfac import KFAC, FisherType
 
 __all__ = ["KLDWRM", "symmetric_kl"]
@@ -516,7 +516,8 @@ class KLDWRM(KFAC):
             start = self._ring[-1]  # θ_k
             index = {id(p): i for i, p in enumerate(self._parameters())}
             thetas = [self._block(layer, start, index) for layer, _ in taken]
-            params = [p for layer, _ in taken for p in layer.module.parameters()]
+            # Frozen parameters (a bias with requires_grad=False) are not differentiated or moved.
+            params = [p for layer, _ in taken for p in _trainable(layer)]
             step_size = self.inner_lr / self._lam
             velocities: list[Tensor | None] = [None] * len(taken)
             values = []
@@ -531,7 +532,7 @@ class KLDWRM(KFAC):
                 value = scale * divergence.detach()
                 position = 0
                 for j, (layer, saved) in enumerate(taken):
-                    count = 2 if layer.has_bias else 1
+                    count = len(_trainable(layer))
                     grad_kl = _block_from(layer, grads[position : position + count])
                     position += count
                     s = parameters_to_matrix(layer.module).to(saved["g"].dtype) - thetas[j]
@@ -542,7 +543,7 @@ class KLDWRM(KFAC):
                     if self.inner_momentum and velocity is not None:
                         grad = velocity.mul_(self.inner_momentum).add_(grad)
                     velocities[j] = grad
-                    add_matrix_(layer.module, grad, alpha=-step_size)
+                    _add_trainable(layer, grad, -step_size)
                 values.append(value)
             self.inner_objective = torch.stack(values)
             if not all(bool(torch.isfinite(p).all()) for p in params):
@@ -585,14 +586,34 @@ class KLDWRM(KFAC):
         ]
 
 
+def _trainable(layer: LayerCapture) -> list[Tensor]:
+    """The weight and, unless frozen, the bias of a layer whose step was taken."""
+    module = layer.module
+    bias = [module.bias] if layer.has_bias and module.bias.requires_grad else []
+    return [module.weight, *bias]
+
+
+def _add_trainable(layer: LayerCapture, matrix: Tensor, alpha: float) -> None:
+    """``[W | b] += alpha·matrix`` on the trainable parameters only (a frozen bias stays)."""
+    weight_part, bias_part = matrix_to_parameters(matrix, layer.module)
+    with torch.no_grad():
+        weight = layer.module.weight
+        weight.add_(weight_part.to(weight.dtype), alpha=alpha)
+        if bias_part is not None and layer.module.bias.requires_grad:
+            layer.module.bias.add_(bias_part.to(layer.module.bias.dtype), alpha=alpha)
+
+
 def _block_from(layer: LayerCapture, grads: tuple[Tensor | None, ...]) -> Tensor:
-    """``[∂W.reshape(d_out, −1) | ∂b]`` from autograd's parameter gradients (zeros if unused)."""
+    """``[∂W.reshape(d_out, −1) | ∂b]`` from autograd's gradients of :func:`_trainable`
+    (zeros where unused or frozen)."""
     module = layer.module
     weight = module.weight
     grad_w = grads[0] if grads[0] is not None else torch.zeros_like(weight)
     block = grad_w.reshape(weight.shape[0], -1)
     if layer.has_bias:
-        grad_b = grads[1] if grads[1] is not None else torch.zeros_like(module.bias)
+        grad_b = grads[1] if len(grads) > 1 and grads[1] is not None else None
+        if grad_b is None:
+            grad_b = torch.zeros_like(module.bias)
         block = torch.cat([block, grad_b[:, None]], dim=1)
     return block
 

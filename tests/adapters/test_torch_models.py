@@ -131,6 +131,27 @@ def test_frozen_parameters_stay_bit_identical(name: str):
         assert torch.equal(dict(model.named_parameters())[key].detach(), start[key]), key
 
 
+def test_frozen_parameters_stay_in_the_qe_inner_loop():
+    model = mlp()
+    model[4].bias.requires_grad_(False)
+    optimizer = KLDWRM(
+        model, lr=LR, variant="qe", fisher="empirical", inner_steps=2, capacity=2,
+        factor_dtype=DTYPE,
+    )
+    model[2].weight.requires_grad_(False)
+    start = snapshot(model)
+    for seed in (1, 2):
+        x, y = data(seed=seed)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step(lambda x=x: model(x))
+    after = snapshot(model)
+    for key in ("2.weight", "4.bias"):
+        assert torch.equal(after[key], start[key]), key
+    for key in ("0.weight", "2.bias", "4.weight"):
+        assert not torch.equal(after[key], start[key]), key
+
+
 # --------------------------------------------------------------------------------------
 # 2./3. Every parameter with a gradient is updated by exactly one rule (attention included)
 # --------------------------------------------------------------------------------------
