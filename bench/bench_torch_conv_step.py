@@ -2,7 +2,7 @@
 
 Model: Puiu's MNIST CNN (4,712 parameters: two 5×5 convolutions with max-pooling, two linear
 layers, dropout; ``reproduce_puiu.puiu_cnn``), batch ``--batch`` 512 of random 28×28 images,
-float32, CPU, threads pinned (``--threads``, default 1). One *step* = ``zero_grad`` + forward
+float32, CPU, threads pinned (``--threads``, default 2). One *step* = ``zero_grad`` + forward
 + cross-entropy + ``backward`` + ``step``. Entries, all without momentum, empirical Fisher,
 factor statistics and inverses every ``u`` steps (``update_every = inverse_every = u``, Puiu's
 Ts = Tf = 30):
@@ -12,8 +12,11 @@ Ts = Tf = 30):
 * ``foof u=30``;
 * ``kldwrm-so u=30``, ``kldwrm-q u=30`` (exact ``F̄ + B/λ`` solve).
 
-Rounds are interleaved (each round times one step of every entry, in rotated order); reported:
-median step time [IQR], ratio of medians to SGD's, and median [IQR] of the per-round ratios.
+Timing (``bench/timing.py``, shared with ``bench_torch_step.py``): every entry runs blocks of
+``--block`` (30, one refresh period) consecutive steps; a round times one block of every entry
+in an order shuffled per round. Reported: the block's time per step, median [IQR] over the
+blocks (amortised over the refresh), its ratio to SGD's, the per-round ratio (median [IQR]),
+the total-time and p10 ratios, and the median single step with its ratio.
 On this model most of a curvature step's extra cost used to be the unfolding (im2col) of the
 convolutions' inputs on every step; the optimizers now unfold only on the steps that fold a
 factor (see ``curvlinalg_torch.capture``), which this benchmark measures: run it on a commit
@@ -25,27 +28,31 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import training  # noqa: E402
+import timing  # noqa: E402  (bench/timing.py: the shared timing protocol)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=8, help="timed rounds of blocks")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument(
+        "--block", type=int, default=30, help="consecutive steps per entry and round"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the round orders")
     parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--quick", action="store_true", help="12 rounds, 2 warm-up")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 rounds of 3-step blocks, 1 warm-up round"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.warmup = 12, 2
-    training.limit_threads(args.threads)
-    import numpy as np
+        args.rounds, args.warmup, args.block = 2, 1, 3
+    timing.pin_threads(args.threads)
     import reproduce_puiu
     import torch
     import torch.nn.functional as F
@@ -83,55 +90,52 @@ def main(argv: list[str] | None = None) -> int:
     names = list(makers)
     models = {name: reproduce_puiu.puiu_cnn(0) for name in names}
     optimizers = {name: make(models[name]) for name, make in makers.items()}
-    counters = dict.fromkeys(names, 0)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(args.warmup + args.rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            x, y = pool[counters[name] % len(pool)]
-            counters[name] += 1
-            model, optimizer = models[name], optimizers[name]
-            start = time.perf_counter()
+
+    def step_of(name: str):
+        model, optimizer = models[name], optimizers[name]
+
+        def step(k: int) -> None:
+            x, y = pool[k % len(pool)]
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
-            if round_index >= args.warmup:
-                times[name].append(time.perf_counter() - start)
 
+        return step
+
+    times = timing.time_blocks(
+        {name: step_of(name) for name in names},
+        block=args.block,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        seed=args.seed,
+    )
     print(
         f"# bench_torch_conv_step: Puiu CNN (4712 parameters), batch {args.batch}, float32, "
-        f"threads {args.threads}, torch {torch.__version__}, {args.rounds} rounds "
-        f"(+{args.warmup} warm-up), wall clock; command: {' '.join(sys.argv)}"
+        f"threads {args.threads}, torch {torch.__version__}; command: {' '.join(sys.argv)}"
     )
-    print(f"{'entry':<16}{'median ms':>10}{'IQR ms':>18}{'× SGD':>7}{'round ratio [IQR]':>22}")
-    base = np.asarray(times["sgd"])
-    rows = []
-    for name in names:
-        sample = np.asarray(times[name])
-        q1, median, q3 = np.percentile(sample, [25, 50, 75]) * 1e3
-        r1, rm, r3 = np.percentile(sample / base, [25, 50, 75])
-        ratio = float(np.median(sample) / np.median(base))
+    print(f"# {timing.describe(times)}")
+    print(timing.TABLE_HEADER)
+    rows = [timing.summarise(times, name, "sgd") for name in names]
+    for row in rows:
+        print(timing.table_row(row))
+    load = timing.load_average()
+    if load:
         print(
-            f"{name:<16}{median:>10.2f}{f'[{q1:.2f}, {q3:.2f}]':>18}{ratio:>7.2f}"
-            f"{f'{rm:.2f} [{r1:.2f}, {r3:.2f}]':>22}"
-        )
-        rows.append(
-            {
-                "name": name,
-                "median_ms": median,
-                "iqr_ms": [q1, q3],
-                "ratio": ratio,
-                "round_ratio": [r1, rm, r3],
-            }
+            f"# load average at the end (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
         )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(
-            json.dumps(
-                {"args": vars(args), "torch": torch.__version__, "rows": rows},
-                indent=1,
-            )
-        )
+        meta = {
+            "script": "bench_torch_conv_step.py",
+            "command": sys.argv,
+            "args": vars(args),
+            "model": "Puiu CNN (4712 parameters)",
+            "dtype": "float32",
+            "torch": torch.__version__,
+            **times.protocol(),
+            "loadavg_end": load,
+        }
+        Path(args.json).write_text(json.dumps({"meta": meta, "entries": rows}, indent=1))
     return 0
 
 

@@ -17,23 +17,19 @@ Contenders (same initial weights, each its own model copy):
   Cholesky every step, ``solve_span``), ``NG mc/same`` (extra backward every step),
   ``NG mc/independent/T=10 layerwise``.
 
-Timing is interleaved step by step: the k-th step of every contender runs right after the
-others' k-th step (same batch), so that bursts of load from neighbours on the shared machine
-hit them alike. A round is one refresh period (10 steps). Two statistics:
-
-* ``step``: median and interquartile range of single steps (the refresh steps are one in ten,
-  so the median is that of the nine cheap steps);
-* ``period/10``: median and IQR of the time of whole 10-step periods divided by 10 — the
-  amortised cost *including* the refresh steps.
-
-Ratios: ``/SGD`` divides the contender's median by SGD's median in the same run; ``paired``
-is the median of the per-step (per-period) ratios to the SGD step (period) run alongside,
-the statistic least disturbed by a loaded machine. The load average is printed at the end.
+Timing (``bench/timing.py``, shared with ``bench_torch_step.py``): every contender runs
+blocks of ``--block`` (20, two refresh periods) consecutive steps, as in training; a round
+times one block of every contender in an order shuffled per round; every contender's k-th step
+uses the k-th batch. Reported: the block's time per step, median [IQR] over the blocks (a
+block holds whole refresh periods, so this is amortised *including* the refresh), its ratio to
+SGD's, the per-round ratio (median [IQR]), the total-time and p10 ratios, and the median single
+step (the refresh steps are one in ten, so that is the nine cheap steps') with its ratio. The
+load average is printed at the end.
 
 Usage::
 
-    .venv/bin/python bench/bench_torch_natural_gradient.py            # 30 rounds, 5 contenders
-    .venv/bin/python bench/bench_torch_natural_gradient.py --quick    # 8 rounds, SGD vs target
+    .venv/bin/python bench/bench_torch_natural_gradient.py            # 15 rounds, 5 contenders
+    .venv/bin/python bench/bench_torch_natural_gradient.py --quick    # 3 rounds, SGD vs target
     .venv/bin/python bench/bench_torch_natural_gradient.py --json PATH  # also the numbers as JSON
 """
 
@@ -45,15 +41,16 @@ import json
 import os
 import pathlib
 import platform
-import statistics
 import sys
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from curvlinalg_torch.natural_gradient import NaturalGradient
 from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # noqa: E402  (bench/timing.py: the shared timing protocol)
 
 PERIOD = 10
 MNIST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
@@ -123,27 +120,23 @@ def contenders(quick: bool, bias: bool) -> dict[str, tuple[nn.Module, torch.opti
     return out
 
 
-def run_step(
-    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, clock
-) -> float:
-    start = clock()
-    opt.zero_grad()
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    return clock() - start
-
-
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], statistics.median(values), q[2]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="8 rounds, SGD and the target")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 30; quick 8)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument(
+        "--quick", action="store_true", help="3 rounds of 10-step blocks, SGD and the target"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="timed rounds of blocks (default 15; quick 3)"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=None,
+        help=f"consecutive steps per contender and round (default {2 * PERIOD}, quick "
+        f"{PERIOD}; whole refresh periods of {PERIOD} keep every block alike)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the round orders")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--no-bias", action="store_true", help="nn.Linear(bias=False)")
     parser.add_argument("--threads", type=int, default=2)
@@ -157,69 +150,41 @@ def main() -> None:
         "--json", metavar="PATH", help="also write the table's numbers as JSON to PATH"
     )
     args = parser.parse_args()
-    clock = time.process_time if args.cpu_time else time.perf_counter
-    torch.set_num_threads(args.threads)
-    rounds = args.rounds or (8 if args.quick else 30)
-    print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor()}, "
-        f"batch {args.batch}, float32, bias {not args.no_bias}, rounds {rounds} × {PERIOD} steps, "
-        f"{'process CPU' if args.cpu_time else 'wall'} clock"
-    )
+    timing.pin_threads(args.threads)
+    rounds = args.rounds or (3 if args.quick else 15)
+    block = args.block or (PERIOD if args.quick else 2 * PERIOD)
+    clock = "cpu" if args.cpu_time else "wall"
     data = load_data(args.batch, PERIOD * 6)
     runs = contenders(args.quick, not args.no_bias)
-    steps: dict[str, list[float]] = {name: [] for name in runs}
-    for index in range(args.warmup + rounds):
-        chunk = data[(index % 6) * PERIOD : (index % 6 + 1) * PERIOD]
-        for x, y in chunk:
-            # Step-by-step interleaving: each contender's k-th step runs right after the
-            # others', so bursts of load from neighbours hit the pair alike.
-            for name, (model, opt) in runs.items():
-                elapsed = run_step(model, opt, x, y, clock)
-                if index >= args.warmup:
-                    steps[name].append(elapsed)
-    periods = {
-        name: [sum(times[i : i + PERIOD]) / PERIOD for i in range(0, len(times), PERIOD)]
-        for name, times in steps.items()
-    }
-    reference_step = statistics.median(steps["SGD"])
-    reference_period = statistics.median(periods["SGD"])
-    print(
-        f"\n{'contender':34s} {'step median ms':>14s} {'IQR ms':>17s} {'/SGD':>5s} "
-        f"{'paired':>6s}   {'period/10 ms':>12s} {'IQR ms':>17s} {'/SGD':>5s} {'paired':>6s}"
+
+    def step_of(model: nn.Module, opt: torch.optim.Optimizer):
+        def step(k: int) -> None:
+            x, y = data[k % len(data)]
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        return step
+
+    times = timing.time_blocks(
+        {name: step_of(model, opt) for name, (model, opt) in runs.items()},
+        block=block,
+        rounds=rounds,
+        warmup=args.warmup,
+        seed=args.seed,
+        clock=clock,
     )
-    entries: list[dict[str, object]] = []  # for --json: the same numbers as the table
-    for name in runs:
-        s_lo, s_med, s_hi = quartiles(steps[name])
-        p_lo, p_med, p_hi = quartiles(periods[name])
-        # Median over steps (periods) of the ratio to SGD's step (period) taken alongside.
-        paired_step = statistics.median(t / r for t, r in zip(steps[name], steps["SGD"]))
-        paired_period = statistics.median(t / r for t, r in zip(periods[name], periods["SGD"]))
-        print(
-            f"{name:34s} {1e3 * s_med:14.2f} [{1e3 * s_lo:6.2f}, {1e3 * s_hi:6.2f}] "
-            f"{s_med / reference_step:5.2f} {paired_step:6.2f}   {1e3 * p_med:12.2f} "
-            f"[{1e3 * p_lo:6.2f}, {1e3 * p_hi:6.2f}] {p_med / reference_period:5.2f} "
-            f"{paired_period:6.2f}"
-        )
-        entries.append(
-            {
-                "name": name,
-                "step_median_ms": 1e3 * s_med,
-                "step_q1_ms": 1e3 * s_lo,
-                "step_q3_ms": 1e3 * s_hi,
-                "step_ratio": s_med / reference_step,
-                "step_paired": paired_step,
-                "period_median_ms": 1e3 * p_med,
-                "period_q1_ms": 1e3 * p_lo,
-                "period_q3_ms": 1e3 * p_hi,
-                "period_ratio": p_med / reference_period,
-                "period_paired": paired_period,
-                "steps_s": steps[name],
-            }
-        )
-    load = os.getloadavg()
     print(
-        f"\nload average during the run (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor()}, "
+        f"batch {args.batch}, float32, bias {not args.no_bias}, refresh period {PERIOD}"
     )
+    print(timing.describe(times))
+    print(f"\n{timing.TABLE_HEADER}")
+    entries = [timing.summarise(times, name, "SGD") for name in runs]
+    for entry in entries:
+        print(timing.table_row(entry))
+    load = timing.load_average() or [float("nan")] * 3
+    print(f"\nload average at the end (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     for name, (_, opt) in runs.items():
         skipped = getattr(opt, "skipped_steps", 0)
         if skipped:
@@ -229,15 +194,14 @@ def main() -> None:
             "script": "bench_torch_natural_gradient.py",
             "command": sys.argv,
             "args": vars(args),
-            "rounds": rounds,
             "period": PERIOD,
             "model": "MLP 784-1000-1000-1000-10",
             "dtype": "float32",
             "data": "MNIST" if MNIST.exists() else "standard-normal stand-ins",
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "clock": "process CPU" if args.cpu_time else "wall",
-            "loadavg_end": list(load),
+            **times.protocol(),
+            "loadavg_end": load,
             "skipped_steps": {
                 name: getattr(opt, "skipped_steps", 0) for name, (_, opt) in runs.items()
             },

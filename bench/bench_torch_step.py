@@ -9,30 +9,30 @@ inverses refreshed every ``--inverse-every`` = 100 steps):
 * ``foof u=1`` / ``foof u=10``: :class:`curvlinalg_torch.FOOF`, factors refreshed every step /
   every 10 steps;
 * ``kfac-mc u=1`` / ``kfac-mc u=10``: :class:`curvlinalg_torch.KFAC` with the MC Fisher (one
-  extra backward at each factor refresh), π-damped.
+  extra backward at each factor refresh), π-damped;
+* ``kfac-emp u=1`` / ``kfac-emp u=10``: the same with the empirical Fisher (no extra
+  backward), the Fisher that the kfac-pytorch peer uses.
 
 Each entry has its own copy of the same initial model and cycles through the same pool of
-random batches. Rounds are **interleaved**: every round times one step of every entry (in a
-rotated order), so drifts of the shared machine hit all entries alike. Reported per entry:
-
-* median step time and its IQR (ms);
-* ``ratio``: median step time / SGD's median step time;
-* ``round ratio``: median and IQR of the per-round ratios (entry step / SGD step of the same
-  round) — robust to load that changes between rounds;
-* ``mean ratio``: mean step time / SGD's mean, i.e. amortised *including* the steps that
-  refresh factors and inverses (which the median, by design, mostly skips);
-* ``p10 ratio``: 10th percentile over SGD's 10th percentile: on a shared, loaded machine the
-  fast tail approximates the unloaded speed.
+random batches. Timing (``bench/timing.py``): every entry runs **blocks of** ``--block`` (20)
+**consecutive steps**, as in training; a round times one block of every entry in an order
+shuffled per round; ``--rounds`` (20) timed rounds after ``--warmup`` (1). Reported per entry
+(see ``timing.py`` for the definitions): the block's time per step, median and IQR over the
+blocks (ms; a block holds whole factor periods, so this is amortised over the factor refresh);
+``ratio`` to SGD's; the per-round ratio (median [IQR]); ``mean`` ratio (total time, inverse
+refreshes included); ``p10`` ratio; the median single step and its ratio.
 
 Optional **peers** (``--peers``, the default; ``--no-peers`` skips them), run only if their
-packages import (see ``bench/peers.py`` for the install commands and what each computes):
-ASDL's K-FAC (MC Fisher; factors and inverses every step, and with our refresh periods) and
+packages import (see ``bench/peers.py`` for the install commands — a separate virtualenv — and
+what each computes): kfac-pytorch's ``KFACPreconditioner`` (empirical Fisher) and ASDL's K-FAC
+(MC Fisher) at our refresh periods, ASDL's K-FAC with factors and inverses every step, ASDL's
 SMW empirical-Fisher natural gradient, and BackPACK's K-FAC factors with a minimal K-FAC
 update. A peer that does not import is skipped with a printed reason. Before timing, each peer
 trains a separate copy of the model for 20 steps on the benchmark batches and its loss on
 them must decrease (printed).
 
-``--quick`` runs a few rounds (seconds), for a smoke test; it includes the installed peers.
+``--quick`` runs 3 rounds of 5-step blocks (seconds), for a smoke test; it includes the
+installed peers.
 ``--json PATH`` also writes the table's numbers (and every timed step) as JSON to ``PATH``.
 """
 
@@ -44,27 +44,24 @@ import os
 import sys
 from collections.abc import Callable
 
-
-def _pin_threads(threads: int) -> None:
-    for name in (
-        "OMP_NUM_THREADS",
-        "MKL_NUM_THREADS",
-        "OPENBLAS_NUM_THREADS",
-        "BLIS_NUM_THREADS",
-        "VECLIB_MAXIMUM_THREADS",
-        "NUMEXPR_NUM_THREADS",
-    ):
-        os.environ[name] = str(threads)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # noqa: E402  (bench/timing.py: the shared timing protocol)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=400, help="timed rounds")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed rounds first")
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds of blocks")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument(
+        "--block", type=int, default=20, help="consecutive steps per entry and round"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the round orders")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--inverse-every", type=int, default=100)
-    parser.add_argument("--quick", action="store_true", help="30 rounds, 5 warm-up")
+    parser.add_argument(
+        "--quick", action="store_true", help="3 rounds of 5-step blocks, 1 warm-up round"
+    )
     parser.add_argument("--only", default="", help="comma-separated entry names to run")
     parser.add_argument(
         "--clock",
@@ -90,18 +87,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.warmup = 30, 5
-    _pin_threads(args.threads)
+        args.rounds, args.warmup, args.block = 3, 1, 5
+    timing.pin_threads(args.threads)
 
-    import time
-
-    import numpy as np
     import torch
     import torch.nn.functional as F
     from curvlinalg_torch import FOOF, KFAC
     from torch import nn
 
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     widths = [784, 1000, 1000, 1000, 10]
 
@@ -133,16 +126,24 @@ def main(argv: list[str] | None = None) -> None:
         damping = args.damping
         if name.startswith("foof"):
             return model, FOOF(model, lr=0.1, damping=damping, update_every=every, **common)
+        fisher = "empirical" if name.startswith("kfac-emp") else "mc"
         kfac = KFAC(
-            model, lr=0.1, damping=damping, fisher="mc", update_every=every, seed=0, **common
+            model, lr=0.1, damping=damping, fisher=fisher, update_every=every, seed=0, **common
         )
         return model, kfac
 
-    names = ["sgd", "foof u=1", "foof u=10", "kfac-mc u=1", "kfac-mc u=10"]
+    names = [
+        "sgd",
+        "foof u=1",
+        "foof u=10",
+        "kfac-mc u=1",
+        "kfac-mc u=10",
+        "kfac-emp u=1",
+        "kfac-emp u=10",
+    ]
     peer_notes: list[str] = []  # for --json: skipped peers and the peers' loss checks
     peers: dict[str, Callable[[nn.Module], Callable[[torch.Tensor, torch.Tensor], object]]] = {}
     if args.peers:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from peers import check_decreases, peer_builders
 
         peers, skipped = peer_builders(args.batch, args.damping, args.inverse_every)
@@ -193,81 +194,40 @@ def main(argv: list[str] | None = None) -> None:
         steps[name] = ours
     names = [name for name in names if name in steps]
 
-    counters = dict.fromkeys(names, 0)
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    def timed(step: Callable[[torch.Tensor, torch.Tensor], object]) -> Callable[[int], object]:
+        return lambda k: step(*pool[k % len(pool)])
 
-    def one_step(name: str) -> float:
-        x, y = pool[counters[name] % len(pool)]
-        counters[name] += 1
-        step = steps[name]
-        start = clock()
-        step(x, y)
-        return clock() - start
-
-    times: dict[str, list[float]] = {name: [] for name in names}
-    failed: dict[str, str] = {}  # peers whose step raised during the run: dropped, reported
-    for round_index in range(args.warmup + args.rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            if name in failed:
-                continue
-            try:
-                elapsed = one_step(name)
-            except Exception as error:
-                if name not in peers:
-                    raise
-                failed[name] = (
-                    f"raised at its step {counters[name] - 1} (round {round_index}, "
-                    f"warm-up {args.warmup}): {type(error).__name__}: {error}"
-                )
-                continue
-            if round_index >= args.warmup:
-                times[name].append(elapsed)
+    times = timing.time_blocks(
+        {name: timed(steps[name]) for name in names},
+        block=args.block,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        seed=args.seed,
+        clock=args.clock,
+        fallible=peers,
+    )
 
     print(
         f"# bench_torch_step: MLP {'-'.join(map(str, widths))}, batch {args.batch}, float32, "
-        f"threads {args.threads}, torch {torch.__version__}, rounds {args.rounds} "
-        f"(+{args.warmup} warm-up), inverse every {args.inverse_every}, momentum 0.9, "
-        f"damping {args.damping}, "
-        f"clock {args.clock}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+        f"threads {args.threads}, torch {torch.__version__}, inverse every "
+        f"{args.inverse_every}, momentum 0.9, damping {args.damping}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
     )
+    print(f"# {timing.describe(times)}")
     print(f"# python {sys.version.split()[0]}, command: {' '.join(sys.argv)}")
-    base = np.asarray(times["sgd"])
-    header = (
-        f"{'entry':<24}{'median ms':>10}{'IQR ms':>16}{'ratio':>8}"
-        f"{'round ratio [IQR]':>24}{'mean ratio':>12}{'p10 ratio':>11}"
-    )
-    print(header)
+    print(timing.TABLE_HEADER)
     entries: list[dict[str, object]] = []  # for --json: the same numbers as the table
     for name in names:
-        if name in failed:
-            print(f"{name:<24}failed, dropped: {failed[name]}")
-            entries.append({"name": name, "peer": True, "failed": failed[name]})
-            continue
-        sample = np.asarray(times[name])
-        q1, median, q3 = np.percentile(sample, [25, 50, 75]) * 1e3
-        per_round = sample / base
-        r1, rm, r3 = np.percentile(per_round, [25, 50, 75])
+        if name in times.failed:
+            entry: dict[str, object] = {"name": name, "peer": True, "failed": times.failed[name]}
+        else:
+            entry = {**timing.summarise(times, name, "sgd"), "peer": name in peers}
+        print(timing.table_row(entry))
+        entries.append(entry)
+    load = timing.load_average()
+    if load:
         print(
-            f"{name:<24}{median:>10.2f}{f'[{q1:.2f}, {q3:.2f}]':>16}"
-            f"{np.median(sample) / np.median(base):>8.2f}"
-            f"{f'{rm:.2f} [{r1:.2f}, {r3:.2f}]':>24}"
-            f"{sample.mean() / base.mean():>12.2f}"
-            f"{np.percentile(sample, 10) / np.percentile(base, 10):>11.2f}"
-        )
-        entries.append(
-            {
-                "name": name,
-                "peer": name in peers,
-                "median_ms": float(median),
-                "q1_ms": float(q1),
-                "q3_ms": float(q3),
-                "ratio": float(np.median(sample) / np.median(base)),
-                "round_ratio": {"median": float(rm), "q1": float(r1), "q3": float(r3)},
-                "mean_ratio": float(sample.mean() / base.mean()),
-                "p10_ratio": float(np.percentile(sample, 10) / np.percentile(base, 10)),
-                "times_s": [float(t) for t in sample],
-            }
+            f"# load average at the end (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
         )
     if args.json:
         meta = {
@@ -280,9 +240,9 @@ def main(argv: list[str] | None = None) -> None:
             "python": sys.version.split()[0],
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "peers": peer_notes,
+            **times.protocol(),
+            "loadavg_end": load,
         }
-        if hasattr(os, "getloadavg"):
-            meta["loadavg_end"] = list(os.getloadavg())
         with open(args.json, "w") as file:
             json.dump({"meta": meta, "entries": entries}, file, indent=2)
         print(f"# wrote {args.json}")

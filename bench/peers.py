@@ -1,10 +1,17 @@
-"""Optional peer entries for ``bench_torch_step.py``: ASDL and BackPACK.
+"""Optional peer entries for ``bench_torch_step.py``: kfac-pytorch, ASDL and BackPACK.
 
 Each peer is used only through its public API and only if it imports; nothing here is part of
-curvlinalg. Install (never let pip touch torch)::
+curvlinalg. The peers live in a **separate virtualenv**, never in the project's (pip must not
+touch torch; ``--no-deps`` everywhere, the peers' dependencies by hand)::
 
-    .venv/bin/pip install --no-deps asdfghjkl==0.1a4                     # ASDL (``import asdl``)
-    .venv/bin/pip install --no-deps backpack-for-pytorch einops unfoldNd # BackPACK
+    python3 -m venv /work/bench-venv && V=/work/bench-venv/bin     # from /work/main
+    $V/pip install torch==2.13.0                        # the same CPU build as .venv
+    $V/pip install --no-deps -e .                       # curvlinalg + curvlinalg_torch
+    $V/pip install numpy scipy array-api-compat matplotlib
+    $V/pip install --no-deps ../shared/peers/kfac_pytorch-0.4.2-py3-none-any.whl  # kfac-pytorch
+    $V/pip install --no-deps asdfghjkl==0.1a4           # ASDL (``import asdl``)
+    $V/pip install --no-deps backpack-for-pytorch einops unfoldNd   # BackPACK
+    $V/python bench/bench_torch_step.py                 # peers included
 
 Entries (SGD with momentum 0.9 applies every preconditioned gradient; damping ``λ`` = the
 benchmark's ``--damping`` = 1.0, split between the Kronecker factors by the π rule of
@@ -23,6 +30,21 @@ Martens & Grosse, as in curvlinalg_torch.KFAC):
   **empirical** Fisher of the batch over all parameters, ``(F_emp + λI)⁻¹∇``, via the
   Sherman–Morrison–Woodbury identity on the ``B×B`` Gram matrix (computed with ASDL's
   ``OP_GRAM_HADAMARD``), every step. lr 0.01 like ``bench_torch_natural_gradient.py``.
+* ``asdl-kfac u=10 i=100`` — the same with the factors refreshed every 10 steps
+  (``curvature_upd_interval=10``): the periods of our ``kfac-mc u=10``.
+* ``kfac-pytorch u=1 i=100`` / ``kfac-pytorch u=10 i=100`` — kfac-pytorch 0.4.2 (KAISA,
+  gpauloski/kfac-pytorch; a wheel in ``/work/shared/peers/``), ``kfac.preconditioner.
+  KFACPreconditioner`` with ``factor_update_steps`` = 1 / 10 and ``inv_update_steps`` =
+  ``--inverse-every`` (our periods), ``factor_decay=0.95`` (our EMA), ``damping`` = λ,
+  ``compute_method="inverse"`` (explicit damped inverses, as ours; its default is an
+  eigendecomposition) and no KL clipping (``kl_clip`` given as a callable that returns None,
+  which its ``step`` documents as "no scaling"; ours has none). Differences that remain:
+  kfac-pytorch's factors are the **empirical** Fisher of the batch (its hooks read the
+  gradients of the loss itself, no sampled labels; compare with our ``kfac-emp`` entries), its
+  ``G`` is built from the gradients of the *mean* loss (``1/B²`` of ours) and λ is added to both
+  factors whole (``(A + λI)``, ``(G + λI)``; ours splits ``√λ`` by the π rule). Equal work per
+  step; different steps. ``preconditioner.step()`` rewrites ``.grad``, then
+  ``torch.optim.SGD(lr=0.1, momentum=0.9)`` applies it.
 * ``backpack-kfac u=1 i=100`` — BackPACK's ``KFAC(mc_samples=1)`` extension (MC Fisher: one
   sampled square root of the loss Hessian back-propagated by BackPACK alongside the gradient)
   gives the factors every step; the *minimal* K-FAC update on top of them is written below
@@ -72,7 +94,7 @@ def _asdl_builders(batch: int, damping: float, inverse_every: int) -> dict[str, 
         "ignore", message="Using a non-full backward hook", category=FutureWarning
     )
 
-    def kfac(inverse_every_: int | None) -> Builder:
+    def kfac(inverse_every_: int | None, factor_every: int = 1) -> Builder:
         def build(model: nn.Module) -> Step:
             if inverse_every_ is None:  # ASDL default: no accumulation, inverses with factors
                 config = asdl.PreconditioningConfig(data_size=batch, damping=damping)
@@ -81,7 +103,7 @@ def _asdl_builders(batch: int, damping: float, inverse_every: int) -> dict[str, 
                     data_size=batch,
                     damping=damping,
                     ema_decay=0.05,  # ASDL: avg·(1 − d) + new·d, i.e. our ema_decay 0.95
-                    curvature_upd_interval=1,
+                    curvature_upd_interval=factor_every,
                     preconditioner_upd_interval=inverse_every_,
                 )
             maker = asdl.KfacGradientMaker(model, config, fisher_type=asdl.FISHER_MC)
@@ -118,7 +140,48 @@ def _asdl_builders(batch: int, damping: float, inverse_every: int) -> dict[str, 
         "asdl-kfac u=1 i=1": kfac(None),
         "asdl-kfac-ema u=1 i=1": kfac(1),
         f"asdl-kfac u=1 i={inverse_every}": kfac(inverse_every),
+        f"asdl-kfac u=10 i={inverse_every}": kfac(inverse_every, 10),
         "asdl-smw-ng u=1": smw,
+    }
+
+
+def _kfac_pytorch_builders(damping: float, inverse_every: int) -> dict[str, Builder]:
+    import logging
+
+    with warnings.catch_warnings():  # "NVIDIA Apex is not installed": a GPU-only fast path
+        warnings.simplefilter("ignore", UserWarning)
+        from kfac.preconditioner import KFACPreconditioner
+
+    def kfac(factor_every: int) -> Builder:
+        def build(model: nn.Module) -> Step:
+            preconditioner = KFACPreconditioner(
+                model,
+                factor_update_steps=factor_every,
+                inv_update_steps=inverse_every,
+                damping=damping,
+                factor_decay=0.95,
+                kl_clip=lambda _step: None,  # no KL clipping (ours has none)
+                lr=0.1,  # only read by the KL clipping
+                compute_method="inverse",
+                loglevel=logging.DEBUG,
+            )
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+            def step(x: Tensor, y: Tensor) -> Tensor:
+                optimizer.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                preconditioner.step()
+                optimizer.step()
+                return loss
+
+            return step
+
+        return build
+
+    return {
+        f"kfac-pytorch u=1 i={inverse_every}": kfac(1),
+        f"kfac-pytorch u=10 i={inverse_every}": kfac(10),
     }
 
 
@@ -187,6 +250,11 @@ def peer_builders(
     builders: dict[str, Builder] = {}
     skipped: list[str] = []
     for label, make in (
+        (
+            "kfac-pytorch (pip install --no-deps "
+            "/work/shared/peers/kfac_pytorch-0.4.2-py3-none-any.whl, in the bench venv)",
+            lambda: _kfac_pytorch_builders(damping, inverse_every),
+        ),
         (
             "ASDL (pip install --no-deps asdfghjkl==0.1a4)",
             lambda: _asdl_builders(batch, damping, inverse_every),

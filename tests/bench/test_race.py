@@ -2,11 +2,13 @@
 
 ``race.py --quick`` runs five benchmarks end to end and takes minutes on the shared 2-core
 machine (well over a minute even single-threaded), too slow for the test suite. The report
-functions are tested instead on the JSON that a real ``race.py --quick --threads 1`` run wrote
-(tests/bench/data/race_quick/; ASDL and BackPACK were installed, so the peers' entries are in
-it; torch_conv_step.json was added later from ``bench_torch_conv_step.py --quick --threads 1``).
-The torch JSON files are copied unchanged; kron.json and woodbury.json keep their ``args``
-and only the result entries that race.py reads, values untouched."""
+functions are tested instead on the JSON that real ``race.py --quick --threads 1`` runs wrote
+(tests/bench/data/race_quick/). The three torch step files come from one run of
+``race.py --quick --threads 1 --only torch_step,torch_natural_gradient,torch_conv_step`` in the
+bench virtualenv (bench/peers.py; kfac-pytorch, ASDL and BackPACK installed, so the peers'
+entries are in it), with the block-timing protocol of bench/timing.py, copied unchanged;
+kron.json and woodbury.json (an earlier run) keep their ``args`` and only the result entries
+that race.py reads, values untouched."""
 
 from __future__ import annotations
 
@@ -54,26 +56,38 @@ def test_torch_entries_come_from_the_json(results):
     step = results["torch_step"]["entries"]
     ng = results["torch_natural_gradient"]["entries"]
     assert [r["name"] for r in rows] == [e["name"] for e in step] + [e["name"] for e in ng]
-    by_name = {r["name"]: r for r in rows}
-    for entry in step:
+    for row, entry in zip(rows, step + ng):
         if "failed" in entry:
+            assert "ratio" not in row
             continue
-        row = by_name[entry["name"]]
         assert row["ratio"] == entry["ratio"] and row["median_ms"] == entry["median_ms"]
+        assert row["step_ratio"] == entry["step_ratio"]
         assert row["round"] == (
             entry["round_ratio"]["q1"],
             entry["round_ratio"]["median"],
             entry["round_ratio"]["q3"],
         )
-    assert any(r["peer"] for r in rows)  # the fixture run had ASDL / BackPACK installed
-    ng_by_name = {e["name"]: e for e in ng}
-    sgd, ng_target = ng_by_name["SGD"], ng_by_name["NG mc/independent/T=10"]
-    paired = [t / r for t, r in zip(ng_target["steps_s"], sgd["steps_s"])]
-    row = by_name["NG mc/independent/T=10"]
-    low, median, high = row["round"]
-    assert low <= median <= high
-    assert median == pytest.approx(statistics.median(paired))
-    assert row["ratio"] == ng_target["step_ratio"]
+    assert any(r["peer"] for r in rows)  # the fixture run had the peers installed
+    assert any(r["name"].startswith("kfac-pytorch") for r in rows)
+    conv = race.torch_entries(results, ("torch_conv_step",))
+    assert [r["name"] for r in conv] == [e["name"] for e in results["torch_conv_step"]["entries"]]
+
+
+def test_fixture_ratios_follow_from_the_block_times(results):
+    # The JSON's ratios are those of timing.summarise over the recorded blocks.
+    for source in race.FIGURE_SOURCES + ("torch_conv_step",):
+        entries = [e for e in results[source]["entries"] if "failed" not in e]
+        base = entries[0]["block_s"]
+        assert entries[0]["name"] in race.BASELINES
+        assert len(base) == results[source]["meta"]["rounds"]
+        for entry in entries:
+            blocks = entry["block_s"]
+            assert entry["median_ms"] == pytest.approx(1e3 * statistics.median(blocks))
+            assert entry["ratio"] == pytest.approx(
+                statistics.median(blocks) / statistics.median(base)
+            )
+            per_round = [t / b for t, b in zip(blocks, base)]
+            assert entry["round_ratio"]["median"] == pytest.approx(statistics.median(per_round))
 
 
 def test_markdown_has_every_entry_and_headline(results):
@@ -94,8 +108,9 @@ def test_markdown_has_every_entry_and_headline(results):
     for r in woodbury:
         assert f"| {r['backend']} | {r['name']} |" in text
         assert f"{r['speedup']:.0f}×" in text
-    for row in results["torch_conv_step"]["rows"]:
+    for row in results["torch_conv_step"]["entries"]:
         assert f"| {row['name']} |" in text and f"| {row['ratio']:.2f} |" in text
+    assert "consecutive steps per entry, order shuffled per round" in text
     assert "not applicable to this --quick run" in text
     assert "![step time / SGD](race.png)" in text
 
@@ -158,6 +173,9 @@ def test_only_reruns_one_benchmark_and_keeps_the_others(tmp_path, monkeypatch):
     runs = json.loads((tmp_path / "race_runs.json").read_text())
     assert runs["torch_conv_step"]["command"] == "run torch_conv_step"
     for name, record in kept.items():
+        if name == "torch_conv_step":  # re-run: its new record replaced the fixture's
+            assert runs[name] != record
+            continue
         assert runs[name] == record
         assert (tmp_path / race.BENCHMARKS[name][1]).exists()
     text = (tmp_path / "race.md").read_text()
