@@ -32,6 +32,38 @@ learning rate is ``other_lr`` (default ``lr``).
 ``param_groups[0]`` holds the captured layers' parameters and the hyperparameters
 ``lr, damping, momentum, weight_decay`` (LR schedulers act on ``lr`` of both groups).
 
+Which rule moves which parameter (every trainable parameter with a gradient is moved by
+exactly one rule at each step; a parameter with ``requires_grad=False`` never moves):
+
+* *preconditioned*: the parameters of a captured layer whose hook recorded this step's
+  forward and backward, whose weight requires grad and that no other module reached (their
+  ``.grad`` is empty: the capture does not form ``eᵀa``). A frozen bias of such a layer keeps
+  its column of ones in the factors and is not moved.
+* *first-order fallback* (``other_optimizer``, default the built-in momentum SGD above, with
+  the hyperparameters of ``param_groups[1]``): every other trainable parameter with a
+  gradient — norm layers, embeddings, grouped convolutions, the ``nn.Linear`` children of an
+  ``nn.MultiheadAttention`` (not captured: the attention reads their weights instead of
+  calling them), tied layers (a weight held by several modules, e.g. an output head tied to
+  an embedding: not captured, the fallback gets autograd's sum over the uses), any captured
+  layer whose hook did not fire although its parameters got gradients, and a captured layer
+  whose weight was frozen after construction or whose parameters got gradients from outside
+  its calls (its captured gradient is added to their ``.grad`` for the step).
+
+``other_optimizer=torch.optim.AdamW`` (any ``torch.optim.Optimizer`` class) with
+``other_optimizer_kwargs`` replaces the built-in SGD: it is built on every parameter, steps
+only those of the fallback (the others' gradients are hidden from it for the call), follows
+``param_groups[1]["lr"]`` (so ``other_lr`` and LR schedulers set its learning rate) and its
+state is saved in :meth:`state_dict`.
+
+A layer called several times in one forward (weight sharing) is captured with
+``repeated_calls="positions"``: its calls are positions of the same examples (the
+K-FAC-expand convention), ``A = Σ_{i,calls,t} a aᵀ / B``, and its gradient sums all uses.
+
+Failure rule: a step either completes or leaves the optimizer exactly as it was
+(:meth:`CurvatureOptimizer.step`). ``step()`` without a new backward since the last step
+raises. A deleted optimizer releases its hooks (they hold it weakly, and a finalizer
+removes them); :meth:`CurvatureOptimizer.remove_hooks` does it at once.
+
 Distributed training (``torch.distributed``, any backend): pass ``distributed=True`` with an
 initialised process group, every rank running the same model on its own share of the batch —
 or pass the ``DistributedDataParallel`` wrapper itself as ``model`` (then ``distributed`` is

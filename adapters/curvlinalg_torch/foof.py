@@ -58,6 +58,12 @@ class FOOF(CurvatureOptimizer):
         layers: restrict the preconditioned layers to these modules.
         distributed: average factors, steps and other gradients over the ranks of the
             initialised ``torch.distributed`` group (see :class:`CurvatureOptimizer`).
+        other_optimizer: a ``torch.optim.Optimizer`` class (e.g. ``torch.optim.AdamW``) for
+            the first-order fallback instead of the built-in momentum SGD; its learning rate
+            is ``other_lr`` (``param_groups[1]["lr"]``), its other arguments
+            ``other_optimizer_kwargs``; its state is part of :meth:`state_dict`.
+        other_optimizer_kwargs: keyword arguments of ``other_optimizer`` (``lr`` allowed
+            instead of ``other_lr``).
 
     Usage — exactly as ``torch.optim.SGD``::
 

@@ -72,7 +72,8 @@ class KFAC(CurvatureOptimizer):
             device seeded with ``seed``, or from torch's global RNG when ``seed`` is None).
         seed: seed of the default generator.
         momentum, weight_decay, ema_decay, update_every, inverse_every: as for :class:`FOOF`.
-        factor_dtype, loss_reduction, other_lr, layers, distributed: as for :class:`FOOF`.
+        factor_dtype, loss_reduction, other_lr, layers, distributed, other_optimizer,
+        other_optimizer_kwargs: as for :class:`FOOF`.
 
     Per-layer state: ``"A"``, ``"G"`` (averages, stored as upper triangles: read them with
     ``optimizer.factor(layer, key)``), ``"A_inv"``, ``"G_inv"`` (factored) or

@@ -195,7 +195,8 @@ class KLDWRM(KFAC):
             ``(outputs, reference) → 0-d tensor``).
         momentum, weight_decay, update_every, inverse_every, factor_dtype: as for
             :class:`~curvlinalg_torch.KFAC`.
-        loss_reduction, other_lr, layers, generator, seed: as for :class:`~curvlinalg_torch.KFAC`.
+        loss_reduction, other_lr, layers, generator, seed, other_optimizer,
+        other_optimizer_kwargs: as for :class:`~curvlinalg_torch.KFAC`.
         distributed: as for :class:`~curvlinalg_torch.FOOF` (SO and Q; the batch's own
             factors ``B_k`` are averaged over the ranks with the factor averages).
 

@@ -271,6 +271,8 @@ class NaturalGradient(CurvatureOptimizer):
         generator: ``torch.Generator`` for the MC labels (default: a new one seeded with
             ``seed``, or from torch's global RNG); saved in the state dict.
         seed: seed of the default generator.
+        other_optimizer, other_optimizer_kwargs: the first-order fallback, as for
+            :class:`~curvlinalg_torch.FOOF` (e.g. ``torch.optim.AdamW``).
         distributed: under ``torch.distributed`` (or pass the ``DistributedDataParallel``
             wrapper as ``model``): the data and Fisher captures of the ranks are gathered
             (one ``all_gather`` per dtype, ``B·(d_in + d_out)`` numbers per layer), so every
