@@ -74,8 +74,50 @@ def _unlink_repository_files(app, relative_path, parent_docname, content) -> Non
     content[0] = _FILE_LINK.sub(plain, content[0])
 
 
+_ARGUMENT_SECTION = re.compile(
+    r"^(\s*)(Args|Arguments|Parameters|Keyword Args|Keyword Arguments|Other Parameters):\s*$"
+)
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def _join_wrapped_names(app, what, name, obj, options, lines) -> None:
+    """Join a Google-style entry whose list of names wraps onto the next line::
+
+        momentum, weight_decay, ema_decay, update_every,
+        inverse_every: as for FOOF.
+
+    Napoleon reads each line as an entry of its own (docutils then warns); joined, the
+    names form one entry. Runs before napoleon."""
+    index, section_indent, entry_indent = 0, None, None
+    while index < len(lines):
+        line = lines[index]
+        header = _ARGUMENT_SECTION.match(line)
+        if header:
+            section_indent, entry_indent = len(header[1]), None
+        elif section_indent is not None and line.strip():
+            if _indent(line) <= section_indent:
+                section_indent = None
+            else:
+                entry_indent = _indent(line) if entry_indent is None else entry_indent
+                following = lines[index + 1] if index + 1 < len(lines) else ""
+                if (
+                    _indent(line) == entry_indent
+                    and ":" not in line
+                    and line.rstrip().endswith(",")
+                    and following.strip()
+                    and _indent(following) == entry_indent
+                ):
+                    lines[index : index + 2] = [f"{line.rstrip()} {following.strip()}"]
+                    continue
+        index += 1
+
+
 def setup(app) -> None:
     app.connect("autodoc-process-docstring", _drop_field_aliases)
+    app.connect("autodoc-process-docstring", _join_wrapped_names, priority=100)
     app.connect("include-read", _unlink_repository_files)
 
 
