@@ -536,6 +536,13 @@ def _position_pairs(xp: Any, x: Array) -> Array:
     return xp.reshape(products, (count * positions * positions, width))
 
 
+def _eigh_vectors(name: str, decomposition: Any) -> Array:
+    """The eigenvectors of an :class:`Eigh`, after checking that it is one."""
+    if not (isinstance(decomposition, tuple) and len(decomposition) == 2):
+        raise ValueError(f"{name} must be an Eigh(values, vectors); got {type(decomposition)}")
+    return decomposition[1]
+
+
 def _with_positions(x: Array) -> Array:
     return x[:, None, :] if x.ndim == 2 else x
 
@@ -573,7 +580,12 @@ def eigen_correction(
     :class:`Eigh` of the input and output factors (any orthonormal eigenbases). Returns
     ``(d_out, d_in)``, non-negative.
     """
-    xp = _backend.namespace(("a", a), ("e", e), ("a_eigh", a_eigh[1]), ("g_eigh", g_eigh[1]))
+    xp = _backend.namespace(
+        ("a", a),
+        ("e", e),
+        ("a_eigh", _eigh_vectors("a_eigh", a_eigh)),
+        ("g_eigh", _eigh_vectors("g_eigh", g_eigh)),
+    )
     _flatten_captures(xp, a, e)
     d_in, d_out = int(a.shape[-1]), int(e.shape[-1])
     _check_eigh("a_eigh", a_eigh, d_in, "a's d_in")
@@ -626,8 +638,8 @@ def corrected_solve(
     """
     xp = _backend.namespace(
         ("grad", grad),
-        ("a_eigh", a_eigh[1]),
-        ("g_eigh", g_eigh[1]),
+        ("a_eigh", _eigh_vectors("a_eigh", a_eigh)),
+        ("g_eigh", _eigh_vectors("g_eigh", g_eigh)),
         ("correction", correction),
         ("damping", damping),
     )
