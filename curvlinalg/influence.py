@@ -39,6 +39,7 @@ is part of ``a`` (as for :func:`curvlinalg.kron.factor`); scores are plain inner
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -87,8 +88,7 @@ def _layer_count(name: str, values: Any, count: int, what: str) -> None:
     if not isinstance(values, (list, tuple)) or len(values) != count:
         got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
         raise ValueError(
-            f"{name} must be a sequence of {count} {what}, one per layer of the captures; "
-            f"got {got}"
+            f"{name} must be a sequence of {count} {what}, one per layer of the captures; got {got}"
         )
 
 
@@ -228,8 +228,40 @@ def _examples(xp: Any, layer: tuple, batch: int) -> tuple[Array, Array]:
     )
 
 
+def _slicer(pair3: tuple[Array, Array]) -> Callable[[int, int], tuple[Array, Array]]:
+    """``(start, stop) ↦`` the examples ``start:stop`` of ``(a3, e3)``."""
+    return lambda start, stop: (pair3[0][start:stop, ...], pair3[1][start:stop, ...])
+
+
+def _rows(xp: Any, pair3: tuple[Array, Array]) -> tuple[Array, Array, int]:
+    """``(b, T, d_in)``, ``(b, T, d_out)`` → flattened rows ``(a2, e2, T)``."""
+    a3, e3 = pair3
+    rows, positions = int(a3.shape[0]) * int(a3.shape[1]), int(a3.shape[1])
+    return (
+        xp.reshape(a3, (rows, int(a3.shape[2]))),
+        xp.reshape(e3, (rows, int(e3.shape[2]))),
+        positions,
+    )
+
+
+def _ekfac_pair_block(
+    xp: Any, weights: Array, query3: tuple[Array, Array], train3: tuple[Array, Array]
+) -> Array:
+    """``Σ_{t,s} (Ẽ_q,t ∘ Ẽ_t,s) W (Ã_q,t ∘ Ã_t,s)ᵀ`` for rotated examples, ``(b_q, b_t)``."""
+    q_a, q_e, positions_q = _rows(xp, query3)
+    t_a, t_e, positions_t = _rows(xp, train3)
+    pairs = int(q_a.shape[0]) * int(t_a.shape[0])
+    products_e = xp.reshape(q_e[:, None, :] * t_e[None, :, :], (pairs, int(q_e.shape[1])))
+    products_a = xp.reshape(q_a[:, None, :] * t_a[None, :, :], (pairs, int(q_a.shape[1])))
+    per_pair = xp.sum((products_e @ weights) * products_a, axis=-1)
+    count_q, count_t = int(query3[0].shape[0]), int(train3[0].shape[0])
+    blocks = xp.reshape(per_pair, (count_q, positions_q, count_t, positions_t))
+    return xp.sum(blocks, axis=(1, 3))
+
+
 def _flat_gradients(xp: Any, a3: Array, e3: Array, weights: Array | None = None) -> Array:
-    """Per-example gradients ``Σ_t e_itᵀ a_it`` (times ``weights`` elementwise), ``(b, d_out·d_in)``."""
+    """Per-example gradients ``Σ_t e_itᵀ a_it`` (times ``weights`` elementwise), flattened
+    to ``(b, d_out·d_in)``."""
     gradients = xp.matrix_transpose(e3) @ a3
     if weights is not None:
         gradients = gradients * weights
@@ -249,9 +281,7 @@ def _explicit_scores(
     size = int(query3[0].shape[2]) * int(query3[1].shape[2])
 
     def prepare_query(start: int, stop: int) -> Array:
-        return _flat_gradients(
-            xp, query3[0][start:stop, ...], query3[1][start:stop, ...], weights
-        )
+        return _flat_gradients(xp, query3[0][start:stop, ...], query3[1][start:stop, ...], weights)
 
     def prepare_train(start: int, stop: int) -> Array:
         return _flat_gradients(xp, train3[0][start:stop, ...], train3[1][start:stop, ...])
@@ -310,18 +340,6 @@ def kfac_scores(
             query3 = _examples(xp, preconditioned, batch_q)
             train3 = _examples(xp, layer_t, batch_t)
 
-            def prepare(pair3: tuple, positions: int) -> Callable[[int, int], tuple]:
-                def slice_rows(start: int, stop: int) -> tuple:
-                    rows = (stop - start) * positions
-                    a3, e3 = pair3[0][start:stop, ...], pair3[1][start:stop, ...]
-                    return (
-                        xp.reshape(a3, (rows, d_in)),
-                        xp.reshape(e3, (rows, d_out)),
-                        positions,
-                    )
-
-                return slice_rows
-
             part = _tiled(
                 xp,
                 batch_q,
@@ -329,9 +347,9 @@ def kfac_scores(
                 positions_q * (d_in + d_out),
                 positions_t * (d_in + d_out),
                 2 * positions_q * positions_t,
-                prepare(query3, positions_q),
-                prepare(train3, positions_t),
-                lambda q, t: woodbury._layer_cross_gram(xp, q, t),
+                _slicer(query3),
+                _slicer(train3),
+                lambda q, t: woodbury._layer_cross_gram(xp, _rows(xp, q), _rows(xp, t)),
             )
         else:
             part = _explicit_scores(
@@ -387,22 +405,6 @@ def ekfac_scores(
         pair_cost = d_in * d_out + 2 * d_in + d_out
         chosen = _cross_method(method, layer_q, layer_t, batch_q, batch_t, pair_cost)
         if chosen == "pairs":
-
-            def slicer(pair3: tuple) -> Callable[[int, int], tuple]:
-                return lambda start, stop: (pair3[0][start:stop, ...], pair3[1][start:stop, ...])
-
-            def combine(q: tuple, t: tuple, weights: Array = weights) -> Array:
-                count_q, count_t = int(q[0].shape[0]), int(t[0].shape[0])
-                rows_q, rows_t = count_q * positions_q, count_t * positions_t
-                q_a, q_e = xp.reshape(q[0], (rows_q, d_in)), xp.reshape(q[1], (rows_q, d_out))
-                t_a, t_e = xp.reshape(t[0], (rows_t, d_in)), xp.reshape(t[1], (rows_t, d_out))
-                pairs = rows_q * rows_t
-                products_e = xp.reshape(q_e[:, None, :] * t_e[None, :, :], (pairs, d_out))
-                products_a = xp.reshape(q_a[:, None, :] * t_a[None, :, :], (pairs, d_in))
-                per_pair = xp.sum((products_e @ weights) * products_a, axis=-1)
-                blocks = xp.reshape(per_pair, (count_q, positions_q, count_t, positions_t))
-                return xp.sum(blocks, axis=(1, 3))
-
             part = _tiled(
                 xp,
                 batch_q,
@@ -410,9 +412,9 @@ def ekfac_scores(
                 positions_q * (d_in + d_out),
                 positions_t * (d_in + d_out),
                 positions_q * positions_t * (2 * d_in + d_out),
-                slicer(query3),
-                slicer(train3),
-                combine,
+                _slicer(query3),
+                _slicer(train3),
+                functools.partial(_ekfac_pair_block, xp, weights),
             )
         else:
             part = _explicit_scores(xp, query3, train3, batch_q, batch_t, weights)
@@ -511,9 +513,7 @@ def ekfac_self_scores(
                 products_a = _position_pairs(xp, rotated_a[start:stop, ...])
                 per_pair = xp.sum((products_e @ weights) * products_a, axis=-1)
                 count = stop - start
-                parts.append(
-                    xp.sum(xp.reshape(per_pair, (count, positions * positions)), axis=-1)
-                )
+                parts.append(xp.sum(xp.reshape(per_pair, (count, positions * positions)), axis=-1))
         else:
             for start, stop in _chunks(batch, 2 * d_in * d_out):
                 rotated = (
