@@ -121,14 +121,11 @@ def test_kron_laplace_of_a_convolution_sums_positions_on_a():
     e = rng.standard_normal((batch, positions, 2))
     params = {"Conv": {"kernel": jnp.zeros((2, 2, 1, 2)), "bias": jnp.zeros(2)}}
     key = jax.random.key(4)
-    samples = cj.kron_laplace_samples(
-        key,
-        params,
-        {"Conv": (jnp.asarray(a), jnp.asarray(e))},
-        prior_precision=PRIOR,
-        n_data=N_DATA,
-        num_samples=SAMPLES,
-    )
+    samples = jax.jit(
+        lambda k, p, c: cj.kron_laplace_samples(
+            k, p, c, prior_precision=PRIOR, n_data=N_DATA, num_samples=SAMPLES
+        )
+    )(key, params, {"Conv": (jnp.asarray(a), jnp.asarray(e))})
     actual = np.asarray(
         cj.kernel_to_matrix(samples["Conv"]["kernel"], samples["Conv"]["bias"], leading_axes=1)
     )

@@ -4,6 +4,8 @@ One network (a strided 2×2 convolution with bias, ``tanh``, a dense layer), wri
 ``torch.nn`` and once in Flax with ``curvlinalg_jax`` layers; the same weights (torch's
 ``(d_out, d_in)`` matrices mapped to Flax kernels with ``curvlinalg_jax.layout``) and the
 same batches; the empirical Fisher, so that no random draw differs between the libraries.
+Optimizers: FOOF, K-FAC (π-damped), EK-FAC (a basis refresh and a correction average in the
+old basis) and SO-KLD-WRM (exactly damped in the eigenbasis).
 After each of three steps (two factor refreshes, an exponential average in between) the
 parameters of both must agree to float64 rounding. The convolution's ``T = 4`` positions make
 the factor convention visible: a ``1/T`` difference in ``A⊗G`` changes the steps by far more
@@ -25,7 +27,7 @@ import curvlinalg_torch as ct  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-BATCH, STEPS, LR = 5, 3, 0.2
+BATCH, STEPS, LR = 10, 3, 0.2  # B ≥ every d_in: no null-space eigenvectors (EK-FAC)
 CE = optax.softmax_cross_entropy_with_integer_labels
 
 
@@ -93,18 +95,17 @@ CASES = {
         ),
         lambda: cj.kfac(0.05, decay=0.6),
     ),
-    "kfac-exact": (
-        lambda m: ct.KFAC(
+    "ekfac": (
+        lambda m: ct.EKFAC(
             m,
             lr=LR,
             damping=0.05,
             fisher="empirical",
-            damping_rule="exact",
             ema_decay=0.6,
             inverse_every=2,
             factor_dtype=torch.float64,
         ),
-        lambda: cj.kfac(0.05, decay=0.6, period=2, damping_mode="exact"),
+        lambda: cj.ekfac(0.05, decay=0.6, inverse_every=2),
     ),
     "so-kldwrm": (
         lambda m: ct.KLDWRM(
