@@ -259,12 +259,20 @@ def _ekfac_pair_block(
     return xp.sum(blocks, axis=(1, 3))
 
 
-def _flat_gradients(xp: Any, a3: Array, e3: Array, weights: Array | None = None) -> Array:
-    """Per-example gradients ``Σ_t e_itᵀ a_it`` (times ``weights`` elementwise), flattened
-    to ``(b, d_out·d_in)``."""
+def _flat_gradients(
+    xp: Any,
+    a3: Array,
+    e3: Array,
+    weights: Array | None = None,
+    basis: tuple[Array, Array] | None = None,
+) -> Array:
+    """Per-example gradients ``R_i = Σ_t e_itᵀ a_it`` (``W ∘ R_i`` with ``weights``, then
+    ``U_G (W ∘ R_i) U_Aᵀ`` with ``basis = (U_A, U_G)``), flattened to ``(b, d_out·d_in)``."""
     gradients = xp.matrix_transpose(e3) @ a3
     if weights is not None:
         gradients = gradients * weights
+    if basis is not None:
+        gradients = basis[1] @ gradients @ xp.matrix_transpose(basis[0])
     count = int(gradients.shape[0])
     return xp.reshape(gradients, (count, int(gradients.shape[1]) * int(gradients.shape[2])))
 
@@ -276,12 +284,16 @@ def _explicit_scores(
     batch_q: int,
     batch_t: int,
     weights: Array | None,
+    basis: tuple[Array, Array] | None = None,
 ) -> Array:
-    """``Σ_{o,j} (W ∘ R^q)_oj R^t_oj`` with ``R = Σ_t e_tᵀ a_t`` formed tile by tile."""
+    """``Σ_{o,j} (W ∘ R^q)_oj R^t_oj`` with ``R = Σ_t e_tᵀ a_t`` formed tile by tile (the
+    query side rotated back by ``basis`` first, when given)."""
     size = int(query3[0].shape[2]) * int(query3[1].shape[2])
 
     def prepare_query(start: int, stop: int) -> Array:
-        return _flat_gradients(xp, query3[0][start:stop, ...], query3[1][start:stop, ...], weights)
+        return _flat_gradients(
+            xp, query3[0][start:stop, ...], query3[1][start:stop, ...], weights, basis
+        )
 
     def prepare_train(start: int, stop: int) -> Array:
         return _flat_gradients(xp, train3[0][start:stop, ...], train3[1][start:stop, ...])
@@ -385,12 +397,14 @@ def ekfac_scores(
     rotated per-example gradients ``R = Ẽᵀ Ã``, evaluated either over position pairs,
     ``Σ_{t,s} (Ẽ_q,t ∘ Ẽ_t,s) W (Ã_q,t ∘ Ã_t,s)ᵀ`` (``"pairs"``, ``T_q·T_t·d_in·d_out`` per
     pair of examples, no per-example gradient; chosen for ``(B, d)`` captures), or by forming
-    ``W ∘ R^q`` and ``R^t`` in tiles (``"explicit"``). ``method="auto"`` picks per layer.
-    Unlike rotating each per-example gradient (``d_in·d_out·(d_in + d_out)`` each), rotating
-    the captures costs ``T·(d_in² + d_out²)`` per example.
+    ``W ∘ R^q`` and ``R^t`` in tiles (``"explicit"``; when the training side has many more
+    capture rows than the query side, ``U_G (W ∘ R^q) U_Aᵀ`` is formed instead and met with
+    the unrotated training gradients). ``method="auto"`` picks per layer. Unlike rotating
+    each per-example gradient (``d_in·d_out·(d_in + d_out)`` each), rotating the captures
+    costs ``T·(d_in² + d_out²)`` per example.
 
-    ``eigens``: per layer ``(a_eigh, g_eigh, correction, damping)`` — the :class:`~curvlinalg.
-    kron.Eigh` of the input and output factors, ``S`` from
+    ``eigens``: per layer ``(a_eigh, g_eigh, correction, damping)`` — the
+    :class:`~curvlinalg.kron.Eigh` of the input and output factors, ``S`` from
     :func:`curvlinalg.kron.eigen_correction` (``(d_out, d_in)``) and ``λ ≥ 0``. Raises
     :class:`curvlinalg.NotPositiveDefiniteError` when some ``S + λ ≤ 0``.
     """
@@ -401,10 +415,10 @@ def ekfac_scores(
         d_in, d_out = int(layer_q[0].shape[1]), int(layer_q[1].shape[1])
         positions_q, positions_t = layer_q[2], layer_t[2]
         query3 = _rotated(xp, layer_q, batch_q, a_vectors, g_vectors)
-        train3 = _rotated(xp, layer_t, batch_t, a_vectors, g_vectors)
         pair_cost = d_in * d_out + 2 * d_in + d_out
         chosen = _cross_method(method, layer_q, layer_t, batch_q, batch_t, pair_cost)
         if chosen == "pairs":
+            train3 = _rotated(xp, layer_t, batch_t, a_vectors, g_vectors)
             part = _tiled(
                 xp,
                 batch_q,
@@ -417,7 +431,17 @@ def ekfac_scores(
                 functools.partial(_ekfac_pair_block, xp, weights),
             )
         else:
-            part = _explicit_scores(xp, query3, train3, batch_q, batch_t, weights)
+            # Either rotate the training captures too, or rotate the preconditioned query
+            # gradients back (U_G (W ∘ R^q) U_Aᵀ) and use the training gradients as they are.
+            rotate_back = batch_q * d_in * d_out * (d_in + d_out)
+            rotate_train = batch_t * positions_t * (d_in * d_in + d_out * d_out)
+            if rotate_back < rotate_train:
+                train3 = _examples(xp, layer_t, batch_t)
+                basis = (a_vectors, g_vectors)
+            else:
+                train3 = _rotated(xp, layer_t, batch_t, a_vectors, g_vectors)
+                basis = None
+            part = _explicit_scores(xp, query3, train3, batch_q, batch_t, weights, basis)
         total = part if total is None else total + part
     return total
 
