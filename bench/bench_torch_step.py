@@ -16,7 +16,7 @@ inverses refreshed every ``--inverse-every`` = 100 steps):
 Each entry has its own copy of the same initial model and cycles through the same pool of
 random batches. Timing (``bench/timing.py``): every entry runs **blocks of** ``--block`` (20)
 **consecutive steps**, as in training; a round times one block of every entry in an order
-shuffled per round; ``--rounds`` (20) timed rounds after ``--warmup`` (1). Reported per entry
+shuffled per round; ``--rounds`` (15) timed rounds after ``--warmup`` (1). Reported per entry
 (see ``timing.py`` for the definitions): the block's time per step, median and IQR over the
 blocks (ms; a block holds whole factor periods, so this is amortised over the factor refresh);
 ``ratio`` to SGD's; the per-round ratio (median [IQR]); ``mean`` ratio (total time, inverse
@@ -51,7 +51,7 @@ import timing  # noqa: E402  (bench/timing.py: the shared timing protocol)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=20, help="timed rounds of blocks")
+    parser.add_argument("--rounds", type=int, default=15, help="timed rounds of blocks")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument(
         "--block", type=int, default=20, help="consecutive steps per entry and round"
@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> None:
         default=True,
         help="add the ASDL / BackPACK entries of bench/peers.py when they import "
         "(default: on; --no-peers skips them)",
+    )
+    parser.add_argument(
+        "--every-step-peers",
+        action="store_true",
+        help="also ASDL's K-FAC with factors and inverses every step (10-15× SGD)",
     )
     parser.add_argument("--damping", type=float, default=1.0, help="λ of every entry")
     parser.add_argument(
@@ -146,7 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.peers:
         from peers import check_decreases, peer_builders
 
-        peers, skipped = peer_builders(args.batch, args.damping, args.inverse_every)
+        peers, skipped = peer_builders(
+            args.batch, args.damping, args.inverse_every, args.every_step_peers
+        )
         for line in skipped:
             print(f"# peer {line}")
             peer_notes.append(line)

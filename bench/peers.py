@@ -17,10 +17,12 @@ Entries (SGD with momentum 0.9 applies every preconditioned gradient; damping ``
 benchmark's ``--damping`` = 1.0, split between the Kronecker factors by the π rule of
 Martens & Grosse, as in curvlinalg_torch.KFAC):
 
-* ``asdl-kfac u=1 i=1`` — ``asdl.KfacGradientMaker`` with ``fisher_type=FISHER_MC`` (one
+* ``asdl-kfac u=1 i=1`` (only with ``every_step_inverses``, ``--every-step-peers``; not at
+  our periods) — ``asdl.KfacGradientMaker`` with ``fisher_type=FISHER_MC`` (one
   sampled label per example, one extra backward) and ASDL's default schedule: factors of the
   current batch only (no running average) and their damped Cholesky inverses, *every step*.
-* ``asdl-kfac-ema u=1 i=1`` — the same maker with ASDL's EMA of the factors (``ema_decay`` =
+* ``asdl-kfac-ema u=1 i=1`` (only with ``every_step_inverses``) — the same maker with ASDL's
+  EMA of the factors (``ema_decay`` =
   0.05, i.e. our 0.95), factors and inverses every step (added because the batch-only factors
   of ``asdl-kfac u=1 i=1`` once gave a non-positive-definite Cholesky mid-run).
 * ``asdl-kfac u=1 i=100`` — the same maker with ASDL's EMA of the factors (``ema_decay`` =
@@ -83,7 +85,9 @@ class _NoNvtx:
         return contextlib.nullcontext()
 
 
-def _asdl_builders(batch: int, damping: float, inverse_every: int) -> dict[str, Builder]:
+def _asdl_builders(
+    batch: int, damping: float, inverse_every: int, every_step_inverses: bool
+) -> dict[str, Builder]:
     import asdl  # asdfghjkl==0.1a4 installs the package ``asdl``
     import asdl.precondition.natural_gradient as asdl_natural_gradient
 
@@ -136,9 +140,9 @@ def _asdl_builders(batch: int, damping: float, inverse_every: int) -> dict[str, 
 
         return step
 
+    every_step = {"asdl-kfac u=1 i=1": kfac(None), "asdl-kfac-ema u=1 i=1": kfac(1)}
     return {
-        "asdl-kfac u=1 i=1": kfac(None),
-        "asdl-kfac-ema u=1 i=1": kfac(1),
+        **(every_step if every_step_inverses else {}),
         f"asdl-kfac u=1 i={inverse_every}": kfac(inverse_every),
         f"asdl-kfac u=10 i={inverse_every}": kfac(inverse_every, 10),
         "asdl-smw-ng u=1": smw,
@@ -244,9 +248,10 @@ def _damped_inverse(m: Tensor, damping: float) -> Tensor:
 
 
 def peer_builders(
-    batch: int, damping: float, inverse_every: int
+    batch: int, damping: float, inverse_every: int, every_step_inverses: bool = False
 ) -> tuple[dict[str, Builder], list[str]]:
-    """The peers that import here, and one printable reason per peer that does not."""
+    """The peers that import here, and one printable reason per peer that does not (ASDL's
+    every-step-inverse entries only with ``every_step_inverses``)."""
     builders: dict[str, Builder] = {}
     skipped: list[str] = []
     for label, make in (
@@ -257,7 +262,7 @@ def peer_builders(
         ),
         (
             "ASDL (pip install --no-deps asdfghjkl==0.1a4)",
-            lambda: _asdl_builders(batch, damping, inverse_every),
+            lambda: _asdl_builders(batch, damping, inverse_every, every_step_inverses),
         ),
         (
             "BackPACK (pip install --no-deps backpack-for-pytorch einops unfoldNd)",
