@@ -332,7 +332,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         other_kwargs = dict(other_optimizer_kwargs or {})
         if "lr" in other_kwargs:
             if other_lr is not None:
-                raise ValueError("give the fallback's learning rate once: other_lr or lr= in kwargs")
+                raise ValueError(
+                    "give the fallback's learning rate once: other_lr or lr= in kwargs"
+                )
             other_lr = other_kwargs.pop("lr")
         self.capture = Capture(
             model,
@@ -589,8 +591,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     "before the training forward)"
                 )
             module = layer.module
-            outside = module.weight.grad is not None or (
-                layer.has_bias and module.bias.requires_grad and module.bias.grad is not None
+            # Under DDP the captured parameters' .grad are DDP's (zero-filled) buckets, not
+            # gradients from another use.
+            outside = not self._ddp and (
+                module.weight.grad is not None
+                or (layer.has_bias and module.bias.requires_grad and module.bias.grad is not None)
             )
             if module.weight.requires_grad and not outside:
                 active.append((index, layer))
@@ -608,12 +613,23 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _fallback_params(self, active: list[tuple[int, LayerCapture]]) -> list[Tensor]:
         """Every trainable parameter with a gradient that no preconditioned step moves."""
         preconditioned = {id(p) for _, layer in active for p in self._trainable(layer)}
-        return [
+        chosen = [
             p
-            for group in self.param_groups
-            for p in group["params"]
+            for p in self.param_groups[1]["params"]
             if p.requires_grad and p.grad is not None and id(p) not in preconditioned
         ]
+        # Captured layers' parameters: under DDP only those of handed layers (their other
+        # .grad are DDP's zero-filled buckets).
+        handed = {id(p) for layer in self._handed for p in self._trainable(layer)}
+        chosen += [
+            p
+            for p in self.param_groups[0]["params"]
+            if p.requires_grad
+            and p.grad is not None
+            and id(p) not in preconditioned
+            and (not self._ddp or id(p) in handed)
+        ]
+        return chosen
 
     def _check_fresh(self, active: list[tuple[int, LayerCapture]]) -> None:
         """Refuse a step without a new backward since the last one (it would re-apply stale

@@ -164,7 +164,10 @@ class KFAC(CurvatureOptimizer):
     def _check_damping(self, damping: Any) -> Any:
         if isinstance(damping, tuple) and self.damping_rule == "factored":
             if len(damping) == 2 and all(
-                not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+                not isinstance(v, bool)
+                and isinstance(v, (int, float))
+                and math.isfinite(v)
+                and v > 0
                 for v in damping
             ):
                 return damping

@@ -245,7 +245,8 @@ def test_every_parameter_with_a_gradient_is_updated_by_exactly_one_rule(name: st
                 gradient = torch.cat([gradient, grads[f"{layer_name}.bias"][:, None]], 1)
                 if seed == 2:
                     factor = 0.95 * previous[layer_name] + 0.05 * factor
-                step = gradient @ torch.linalg.inv(factor + 0.5 * torch.eye(len(factor), dtype=DTYPE))
+                eye = torch.eye(len(factor), dtype=DTYPE)
+                step = gradient @ torch.linalg.inv(factor + 0.5 * eye)
                 got = torch.cat(
                     [
                         (before[f"{layer_name}.weight"] - after[f"{layer_name}.weight"]).reshape(
