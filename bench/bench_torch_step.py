@@ -11,7 +11,10 @@ inverses refreshed every ``--inverse-every`` = 100 steps):
 * ``kfac-mc u=1`` / ``kfac-mc u=10``: :class:`curvlinalg_torch.KFAC` with the MC Fisher (one
   extra backward at each factor refresh), π-damped;
 * ``kfac-emp u=1`` / ``kfac-emp u=10``: the same with the empirical Fisher (no extra
-  backward), the Fisher that the kfac-pytorch peer uses.
+  backward), the Fisher that the kfac-pytorch peer uses;
+* ``ekfac-mc u=1`` / ``ekfac-mc u=10``: :class:`curvlinalg_torch.EKFAC` (MC Fisher): factors
+  and eigenvalue correction folded every step / every 10 steps, eigenbases recomputed every
+  ``--inverse-every`` steps, ``λ`` added to the corrected eigenvalues.
 
 Each entry has its own copy of the same initial model and cycles through the same pool of
 random batches. Timing (``bench/timing.py``): every entry runs **blocks of** ``--block`` (20)
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
     import torch.nn.functional as F
-    from curvlinalg_torch import FOOF, KFAC
+    from curvlinalg_torch import EKFAC, FOOF, KFAC
     from torch import nn
 
     torch.manual_seed(0)
@@ -131,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         damping = args.damping
         if name.startswith("foof"):
             return model, FOOF(model, lr=0.1, damping=damping, update_every=every, **common)
+        if name.startswith("ekfac"):
+            ekfac = EKFAC(model, lr=0.1, damping=damping, update_every=every, seed=0, **common)
+            return model, ekfac
         fisher = "empirical" if name.startswith("kfac-emp") else "mc"
         kfac = KFAC(
             model, lr=0.1, damping=damping, fisher=fisher, update_every=every, seed=0, **common
@@ -145,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         "kfac-mc u=10",
         "kfac-emp u=1",
         "kfac-emp u=10",
+        "ekfac-mc u=1",
+        "ekfac-mc u=10",
     ]
     peer_notes: list[str] = []  # for --json: skipped peers and the peers' loss checks
     peers: dict[str, Callable[[nn.Module], Callable[[torch.Tensor, torch.Tensor], object]]] = {}
