@@ -85,6 +85,15 @@ def is_traced(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def is_weakly_typed(x: Any) -> bool:
+    """True for a weakly typed JAX value (a Python number passed through ``jax.jit``, or
+    ``jnp.asarray(1.0)``): like a Python number it takes the dtype of what it combines with,
+    so it promotes nothing and its dtype says nothing about the caller's precision."""
+    if sys.modules.get("jax") is None:
+        return False
+    return bool(getattr(getattr(x, "aval", None), "weak_type", False))
+
+
 def default_integer(xp: ModuleType, like: Array) -> Any:
     """The namespace's default integer dtype on ``like``'s device: int64, except int32 on JAX
     without ``jax_enable_x64`` (asking JAX for int64 there only warns and truncates)."""
@@ -227,6 +236,8 @@ def cholesky_inverse(xp: ModuleType, lower: Array) -> Array:
         import numpy as np
         import scipy.linalg.lapack as lapack
 
+        if lower.shape[0] == 0:  # LAPACK rejects an empty matrix; its inverse is empty
+            return np.zeros_like(lower)
         potri = lapack.dpotri if lower.dtype == np.float64 else lapack.spotri
         packed, info = potri(lower, lower=True)
         if info != 0:  # only for a singular factor, which cholesky() already ruled out

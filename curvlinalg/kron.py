@@ -135,7 +135,9 @@ def input_factor(a: Array, *, bias: bool = False, check_finite: bool = True) -> 
     return factor(a, bias=bias, check_finite=False) * positions
 
 
-def ema(average: Array | None, new: Array, decay: float | Array) -> Array:
+def ema(
+    average: Array | None, new: Array, decay: float | Array, *, check_finite: bool = True
+) -> Array:
     r"""Exponential moving average ``decay·average + (1−decay)·new``.
 
     ``average=None`` returns ``new`` unchanged: the first estimate is taken as is (Puiu's κ
@@ -146,6 +148,8 @@ def ema(average: Array | None, new: Array, decay: float | Array) -> Array:
     if average is None:
         xp = _backend.namespace(("new", new), ("decay", decay))
         _checks.floating(xp, "new", new)
+        if check_finite:
+            _checks.finite(xp, "new", new)
         return new
     xp = _backend.namespace(("average", average), ("new", new), ("decay", decay))
     _checks.floating(xp, "new", new)
@@ -155,12 +159,15 @@ def ema(average: Array | None, new: Array, decay: float | Array) -> Array:
             f"shape mismatch: average has shape {tuple(average.shape)} "
             f"but new has shape {tuple(new.shape)}"
         )
+    if check_finite:
+        _checks.finite(xp, "average", average)
+        _checks.finite(xp, "new", new)
     decay = _backend.scalar_like(xp, decay, new)
     return decay * average + (1 - decay) * new
 
 
 def debiased_ema(
-    state: DebiasedAverage | None, new: Array, decay: float | Array
+    state: DebiasedAverage | None, new: Array, decay: float | Array, *, check_finite: bool = True
 ) -> DebiasedAverage:
     r"""Zero-initialised exponential average with Adam-style bias correction.
 
@@ -176,9 +183,17 @@ def debiased_ema(
         if not _backend.is_traced(decay) and float(decay) >= 1:
             # weight = 1 − decay = 0 would make the average 0/0.
             raise ValueError(f"decay must be < 1 for the first update; got {float(decay)}")
+        if check_finite:
+            _checks.finite(xp, "new", new)
         decay = _backend.scalar_like(xp, decay, new)
         return DebiasedAverage(total=(1 - decay) * new, weight=1 - decay)
-    xp = _backend.namespace(("state.total", state.total), ("new", new), ("decay", decay))
+    if not (isinstance(state, tuple) and len(state) == 2):
+        raise ValueError(
+            f"state must be a DebiasedAverage(total, weight) or None; got {type(state)}"
+        )
+    xp = _backend.namespace(
+        ("state.total", state.total), ("state.weight", state.weight), ("new", new), ("decay", decay)
+    )
     _checks.floating(xp, "new", new)
     _checks.same_dtype([("state.total", state.total), ("new", new)])
     if tuple(state.total.shape) != tuple(new.shape):
@@ -186,6 +201,11 @@ def debiased_ema(
             f"shape mismatch: state.total has shape {tuple(state.total.shape)} "
             f"but new has shape {tuple(new.shape)}"
         )
+    # weight = 1 − m^t lies in (0, 1] once one update was made; 0 would make value 0/0.
+    _checks.scalar("state.weight", state.weight, minimum=0.0, maximum=1.0, strict=True)
+    if check_finite:
+        _checks.finite(xp, "state.total", state.total)
+        _checks.finite(xp, "new", new)
     decay = _backend.scalar_like(xp, decay, new)
     return DebiasedAverage(
         total=decay * state.total + (1 - decay) * new,
@@ -244,26 +264,49 @@ def inverse(m: Array, damping: float | Array = 0.0, *, check_finite: bool = True
     positive definite. Under ``jax.jit`` the check cannot run; the result is then NaN.
 
     ``m``: ``(n, n)``, float32 or float64. ``damping``: ``≥ 0``. Returns ``(n, n)``.
+    A matrix that is singular to working precision (a Cholesky pivot ``L_ii²`` at most
+    ``4·eps·m_ii``, i.e. the damping is lost in the rounding of the diagonal) counts as not
+    positive definite on every backend, whatever sign the rounding gave the pivot.
     """
-    xp = _backend.namespace(("m", m), ("damping", damping))
-    _checks.linalg_dtype(xp, "m", m)
-    size = _checks.square("m", m)
+    return _inverse(m, damping, check_finite=check_finite, name="m", what="m + damping·I")
+
+
+def _inverse(m: Array, damping: Any, *, check_finite: bool, name: str, what: str) -> Array:
+    """:func:`inverse`, naming the user's argument ``name`` and the factorised matrix ``what``."""
+    xp = _backend.namespace((name, m), ("damping", damping))
+    _checks.linalg_dtype(xp, name, m)
+    size = _checks.square(name, m)
     _checks.scalar("damping", damping, minimum=0.0)
     if check_finite:
-        _checks.finite(xp, "m", m)
+        _checks.finite(xp, name, m)
     damped = _symmetric(xp, m) + _backend.scalar_like(xp, damping, m) * _backend.eye_like(
         xp, size, m
     )
-    lower = _cholesky(xp, damped, "m + damping·I")
+    lower = _cholesky(xp, damped, what)
     return _symmetric(xp, _backend.cholesky_inverse(xp, lower))
+
+
+# A pivot L_ii² ≤ _PIVOT_ROUNDING·eps·m_ii is within the rounding error of forming m_ii
+# (products, symmetrisation, the damping's addition) and of the elimination itself: the
+# matrix is then indistinguishable from a singular one in its precision, and whether LAPACK
+# reports it as failed or returns a ~1/eps inverse depends on the build's rounding (NumPy
+# and PyTorch disagreed on such matrices). Any damping above that level passes, since every
+# pivot² of m + λI is ≥ λ.
+_PIVOT_ROUNDING = 4
 
 
 def _cholesky(xp: Any, m: Array, what: str) -> Array:
     lower, ok = _backend.cholesky(xp, m)
+    if ok and not _backend.is_traced(lower):
+        pivots = xp.linalg.diagonal(lower)
+        floor = _PIVOT_ROUNDING * xp.finfo(m.dtype).eps * xp.linalg.diagonal(m)
+        # Written so that a NaN pivot (NaN input with check_finite=False) fails too.
+        ok = bool(xp.all(pivots * pivots > floor))
     if ok is False:
         raise NotPositiveDefiniteError(
-            f"{what} is not positive definite (Cholesky failed); increase the damping or "
-            "check the matrix for negative eigenvalues"
+            f"{what} is not positive definite (Cholesky failed, or a pivot fell to rounding "
+            "level: singular to working precision); increase the damping or check the "
+            "matrix for negative eigenvalues"
         )
     return lower
 
@@ -276,6 +319,12 @@ def _check_preconditioners(
         _checks.matching(
             "g_inv", _checks.square("g_inv", g_inv), "the gradient's d_out", d_out, "size"
         )
+
+
+def _finite_preconditioners(xp: Any, a_inv: Array, g_inv: Array | None) -> None:
+    _checks.finite(xp, "a_inv", a_inv)
+    if g_inv is not None:
+        _checks.finite(xp, "g_inv", g_inv)
 
 
 def precondition(
@@ -300,6 +349,7 @@ def precondition(
     _check_preconditioners(xp, int(grad.shape[-2]), int(grad.shape[-1]), a_inv, g_inv)
     if check_finite:
         _checks.finite(xp, "grad", grad)
+        _finite_preconditioners(xp, a_inv, g_inv)
     result = grad @ a_inv
     return result if g_inv is None else g_inv @ result
 
@@ -350,6 +400,7 @@ def precondition_captures(
     if check_finite:
         _checks.finite(xp, "a", a)
         _checks.finite(xp, "e", e)
+        _finite_preconditioners(xp, a_inv, g_inv)
     return a @ a_inv, (e if g_inv is None else e @ g_inv)
 
 
@@ -377,6 +428,7 @@ def precondition_factored(
     if check_finite:
         _checks.finite(xp, "a", a)
         _checks.finite(xp, "e", e)
+        _finite_preconditioners(xp, a_inv, g_inv)
     output_cost = 0 if g_inv is None else 1
     factored_cost = count * (d_in * d_in + output_cost * d_out * d_out + d_out * d_in)
     dense_cost = count * d_out * d_in + d_out * d_in * d_in + output_cost * d_out * d_out * d_in
@@ -441,6 +493,9 @@ def _check_eigh(name: str, decomposition: Any, size: int, size_name: str) -> Non
     if not (isinstance(decomposition, tuple) and len(decomposition) == 2):
         raise ValueError(f"{name} must be an Eigh(values, vectors); got {type(decomposition)}")
     values, vectors = decomposition
+    for field, value in (("values", values), ("vectors", vectors)):
+        if not (hasattr(value, "ndim") and hasattr(value, "shape")):
+            raise ValueError(f"{name}.{field} must be an array; got {type(value).__name__}")
     if values.ndim != 1 or vectors.ndim != 2 or tuple(vectors.shape) != (values.shape[0],) * 2:
         raise ValueError(
             f"{name} must hold values (n,) and vectors (n, n); got "
@@ -464,6 +519,60 @@ def _positive_denominator(xp: Any, denominator: Array, what: str) -> None:
         raise NotPositiveDefiniteError(f"{what} is not positive definite")
 
 
+def _eigh_fields(name: str, decomposition: Any) -> list[tuple[str, Array]]:
+    """``[(name.values, values), (name.vectors, vectors)]`` of an :class:`Eigh` argument."""
+    if not (isinstance(decomposition, tuple) and len(decomposition) == 2):
+        raise ValueError(f"{name} must be an Eigh(values, vectors); got {type(decomposition)}")
+    return [(f"{name}.values", decomposition[0]), (f"{name}.vectors", decomposition[1])]
+
+
+def _eigen_inputs(
+    grad: Array, a_eigh: Any, g_eigh: Any, damping: Any, *, check_finite: bool
+) -> Any:
+    """Validate the arguments of an eigenbasis solve; return their namespace.
+
+    Every field of both decompositions takes part in the namespace, dtype and finiteness
+    checks: a NumPy ``values`` in a torch call, or a float32 one in float64 work, would
+    otherwise be silently converted or promoted."""
+    fields = _eigh_fields("a_eigh", a_eigh) + _eigh_fields("g_eigh", g_eigh)
+    xp = _backend.namespace(("grad", grad), *fields, ("damping", damping))
+    _checks.floating(xp, "grad", grad)
+    _checks.ndim_at_least("grad", grad, 2)
+    _check_eigh("a_eigh", a_eigh, int(grad.shape[-1]), "the gradient's d_in")
+    _check_eigh("g_eigh", g_eigh, int(grad.shape[-2]), "the gradient's d_out")
+    _checks.same_dtype([("grad", grad), *fields])
+    if check_finite:
+        _checks.finite(xp, "grad", grad)
+        for name, value in fields:
+            _checks.finite(xp, name, value)
+    return xp
+
+
+# A backward-stable eigh returns eigenvalues accurate to a few eps·max|s| in absolute terms,
+# so an eigenvalue that close to zero is indistinguishable from zero or from a negative one
+# (a singular A with damping 0 gave ±1e-17 and, depending on the backend's rounding, an
+# error or a 1e16-sized step). s_G,i·s_A,j + damping counts as positive only above the
+# rounding it inherits from both factors.
+_EIGEN_ROUNDING = 4
+
+
+def _kronecker_denominator(
+    xp: Any, denominator: Array, g_values: Array, a_values: Array, what: str
+) -> None:
+    if _backend.is_traced(denominator) or math.prod(int(s) for s in denominator.shape) == 0:
+        return
+    abs_a, abs_g = xp.abs(a_values), xp.abs(g_values)
+    rounding = (_EIGEN_ROUNDING * xp.finfo(denominator.dtype).eps) * (
+        abs_g[:, None] * xp.max(abs_a) + xp.max(abs_g) * abs_a[None, :]
+    )
+    if not bool(xp.all(denominator > rounding)):
+        raise NotPositiveDefiniteError(
+            f"{what} is not positive definite: some s_G,i·s_A,j + damping is ≤ 0 or at the "
+            "rounding level of the eigenvalues (singular to working precision); increase "
+            "the damping"
+        )
+
+
 def eigen_solve(
     grad: Array, a_eigh: Eigh, g_eigh: Eigh, damping: float | Array, *, check_finite: bool = True
 ) -> Array:
@@ -475,23 +584,17 @@ def eigen_solve(
 
     ``grad``: ``(..., d_out, d_in)``; ``a_eigh`` of ``A`` (``d_in×d_in``); ``g_eigh`` of ``G``
     (``d_out×d_out``); ``damping ≥ 0``. Raises :class:`NotPositiveDefiniteError` when some
-    ``s_G,i s_A,j + damping ≤ 0``.
+    ``s_G,i s_A,j + damping ≤ 0``, or is within the eigenvalues' rounding
+    (``4·eps·(|s_G,i|·max|s_A| + max|s_G|·|s_A,j|)``) of zero: a singular factor with
+    ``damping = 0`` is refused on every backend. With ``check_finite`` the gradient and all
+    four fields of the decompositions are checked for NaN and infinity.
     """
-    xp = _backend.namespace(
-        ("grad", grad), ("a_eigh", a_eigh[1]), ("g_eigh", g_eigh[1]), ("damping", damping)
-    )
-    _checks.floating(xp, "grad", grad)
-    _checks.ndim_at_least("grad", grad, 2)
-    _check_eigh("a_eigh", a_eigh, int(grad.shape[-1]), "the gradient's d_in")
-    _check_eigh("g_eigh", g_eigh, int(grad.shape[-2]), "the gradient's d_out")
-    _checks.same_dtype([("grad", grad), ("a_eigh", a_eigh[1]), ("g_eigh", g_eigh[1])])
+    xp = _eigen_inputs(grad, a_eigh, g_eigh, damping, check_finite=check_finite)
     _checks.scalar("damping", damping, minimum=0.0)
-    if check_finite:
-        _checks.finite(xp, "grad", grad)
     denominator = g_eigh.values[:, None] * a_eigh.values[None, :] + _backend.scalar_like(
         xp, damping, grad
     )
-    _positive_denominator(xp, denominator, "A⊗G + damping·I")
+    _kronecker_denominator(xp, denominator, g_eigh.values, a_eigh.values, "A⊗G + damping·I")
     return _diagonal_solve(xp, grad, a_eigh.vectors, g_eigh.vectors, denominator)
 
 
@@ -677,16 +780,13 @@ def sum_eigen_solve(grad: Array, a_eigh: Eigh, g_eigh: Eigh, *, check_finite: bo
     factors are unchanged. Raises :class:`NotPositiveDefiniteError` when the sum is not
     positive definite.
     """
-    xp = _backend.namespace(("grad", grad), ("a_eigh", a_eigh[1]), ("g_eigh", g_eigh[1]))
-    _checks.floating(xp, "grad", grad)
-    _checks.ndim_at_least("grad", grad, 2)
-    _check_eigh("a_eigh", a_eigh, int(grad.shape[-1]), "the gradient's d_in")
-    _check_eigh("g_eigh", g_eigh, int(grad.shape[-2]), "the gradient's d_out")
-    _checks.same_dtype([("grad", grad), ("a_eigh", a_eigh[1]), ("g_eigh", g_eigh[1])])
-    if check_finite:
-        _checks.finite(xp, "grad", grad)
+    xp = _eigen_inputs(grad, a_eigh, g_eigh, None, check_finite=check_finite)
+    return _sum_eigen_solve(xp, grad, a_eigh, g_eigh, "A1⊗G1 + A2⊗G2")
+
+
+def _sum_eigen_solve(xp: Any, grad: Array, a_eigh: Eigh, g_eigh: Eigh, what: str) -> Array:
     denominator = 1 + g_eigh.values[:, None] * a_eigh.values[None, :]
-    _positive_denominator(xp, denominator, "A1⊗G1 + A2⊗G2")
+    _positive_denominator(xp, denominator, what)
     return _diagonal_solve(xp, grad, a_eigh.vectors, g_eigh.vectors, denominator)
 
 
@@ -710,17 +810,43 @@ def sum_solve(
     Raises :class:`NotPositiveDefiniteError` naming ``a1``/``g1`` when one is not positive
     definite, or when the sum is not.
     """
-    xp = _backend.namespace(("grad", grad), ("a1", a1), ("g1", g1), ("a2", a2), ("g2", g2))
-    _checks.floating(xp, "grad", grad)
-    _checks.ndim_at_least("grad", grad, 2)
+    return _sum_solve(
+        grad, a1, g1, a2, g2, check_finite=check_finite, names=("grad", "a1", "g1", "a2", "g2")
+    )
+
+
+def _sum_solve(
+    grad: Array,
+    a1: Array,
+    g1: Array,
+    a2: Array,
+    g2: Array,
+    *,
+    check_finite: bool,
+    names: tuple[str, str, str, str, str],
+    what: str = "A1⊗G1 + A2⊗G2",
+) -> Array:
+    """:func:`sum_solve`, naming the user's arguments ``names`` (for ``grad, a1, g1, a2, g2``)
+    and the summed matrix ``what`` in its errors."""
+    grad_name, a1_name, g1_name, a2_name, g2_name = names
+    xp = _backend.namespace(
+        (grad_name, grad), (a1_name, a1), (g1_name, g1), (a2_name, a2), (g2_name, g2)
+    )
+    _checks.floating(xp, grad_name, grad)
+    _checks.ndim_at_least(grad_name, grad, 2)
     d_out, d_in = int(grad.shape[-2]), int(grad.shape[-1])
-    for name, matrix, size, what in (
-        ("a1", a1, d_in, "the gradient's d_in"),
-        ("a2", a2, d_in, "the gradient's d_in"),
-        ("g1", g1, d_out, "the gradient's d_out"),
-        ("g2", g2, d_out, "the gradient's d_out"),
+    for name, matrix, size, role in (
+        (a1_name, a1, d_in, f"{grad_name}'s d_in"),
+        (a2_name, a2, d_in, f"{grad_name}'s d_in"),
+        (g1_name, g1, d_out, f"{grad_name}'s d_out"),
+        (g2_name, g2, d_out, f"{grad_name}'s d_out"),
     ):
-        _checks.matching(name, _checks.square(name, matrix), what, size, "size")
-    a_eigh = _generalized_eigh(a2, a1, "a2", "a1", check_finite=check_finite)
-    g_eigh = _generalized_eigh(g2, g1, "g2", "g1", check_finite=check_finite)
-    return sum_eigen_solve(grad, a_eigh, g_eigh, check_finite=check_finite)
+        _checks.matching(name, _checks.square(name, matrix), role, size, "size")
+    _checks.same_dtype(
+        [(grad_name, grad), (a1_name, a1), (g1_name, g1), (a2_name, a2), (g2_name, g2)]
+    )
+    if check_finite:
+        _checks.finite(xp, grad_name, grad)
+    a_eigh = _generalized_eigh(a2, a1, a2_name, a1_name, check_finite=check_finite)
+    g_eigh = _generalized_eigh(g2, g1, g2_name, g1_name, check_finite=check_finite)
+    return _sum_eigen_solve(xp, grad, a_eigh, g_eigh, what)

@@ -50,11 +50,10 @@ def _precision(
 ) -> woodbury.Woodbury:
     """``Λ = τI + (n/B) GGᵀ`` as a Woodbury factorisation (``damping = τ``)."""
     _check_prior(prior_precision, n_data)
-    if not isinstance(captures, (list, tuple)) or len(captures) == 0:
-        raise ValueError("captures must be a non-empty sequence of (a, e) pairs, one per layer")
-    like = captures[0][0] if isinstance(captures[0], (list, tuple)) and captures[0] else None
+    # Shapes, dtypes and namespaces first (no value scan yet): the batch size below needs them.
+    _, flat, batch = woodbury._layers(captures, check_finite=False)
+    like = flat[0][0]
     prior_precision, n_data = _cast(prior_precision, like), _cast(n_data, like)
-    batch = int(captures[0][0].shape[0]) if hasattr(captures[0][0], "shape") else 1
     return woodbury.factorize(
         captures, prior_precision, n_data / max(batch, 1), check_finite=check_finite
     )
@@ -191,6 +190,8 @@ def log_marginal_likelihood(
     params: Sequence[Array],
     log_det_precision: float | Array,
     prior_precision: float | Array,
+    *,
+    check_finite: bool = True,
 ) -> Array | float:
     r"""Laplace approximation of the log evidence, the quantity one tunes ``τ`` with:
 
@@ -199,16 +200,38 @@ def log_marginal_likelihood(
     (the Gaussian prior ``N(0, τ⁻¹I)`` on all ``D`` parameters; the ``2π`` factors cancel).
     ``log_likelihood``: ``log p(D|θ*)`` summed over the training set at the MAP ``θ*``;
     ``params``: the MAP parameters per layer; ``log_det_precision``: :func:`logdet` or the
-    sum of :func:`kron_logdet` over layers, computed with the same ``τ``.
+    sum of :func:`kron_logdet` over layers, computed with the same ``τ``. The arrays share one
+    real floating dtype (``log_likelihood`` and ``log_det_precision`` may also be Python
+    numbers); ``check_finite`` scans them for NaN and infinity.
     """
     _checks.scalar("prior_precision", prior_precision, minimum=0.0, strict=True)
     if not isinstance(params, (list, tuple)) or len(params) == 0:
         raise ValueError("params must be a non-empty sequence of per-layer arrays")
-    xp = _backend.namespace(
-        *((f"params[{i}]", p) for i, p in enumerate(params)),
-        ("log_likelihood", log_likelihood),
-        ("log_det_precision", log_det_precision),
-    )
+    named = [(f"params[{i}]", p) for i, p in enumerate(params)]
+    terms = [("log_likelihood", log_likelihood), ("log_det_precision", log_det_precision)]
+    xp = _backend.namespace(*named, *terms)
+    for name, value in terms:
+        if value is None or isinstance(value, (bool, complex)):
+            raise ValueError(f"{name} must be a real number or array; got {value!r}")
+        if tuple(getattr(value, "shape", ())) != ():
+            raise ValueError(f"{name} must be a scalar; got shape {tuple(value.shape)}")
+        if isinstance(value, (int, float)):
+            if check_finite and not math.isfinite(value):
+                raise ValueError(f"{name} must be finite; got {value}")
+        elif _backend.is_weakly_typed(value):
+            # A Python number traced by jax.jit: it promotes nothing, like the number itself.
+            if not xp.isdtype(value.dtype, ("real floating", "integral")):
+                raise ValueError(f"{name} must be a real number or array; got {value.dtype}")
+            if check_finite:
+                _checks.finite(xp, name, value)
+        else:
+            named.append((name, value))
+    for name, value in named:
+        _checks.floating(xp, name, value)
+    _checks.same_dtype(named)
+    if check_finite:
+        for name, value in named:
+            _checks.finite(xp, name, value)
     prior_precision = _cast(prior_precision, params[0])
     count = sum(math.prod(int(s) for s in p.shape) for p in params)
     squared_norm = sum(xp.sum(p * p) for p in params)

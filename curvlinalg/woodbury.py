@@ -209,7 +209,7 @@ def cross_gram(captures: Captures, other: Captures, *, check_finite: bool = True
     (a Fisher from an independent batch, Benzing 2022, App. E.5).
     """
     xp, flat, batch = _layers(captures, check_finite=check_finite)
-    xp_other, flat_other, batch_other = _layers(other, check_finite=check_finite)
+    xp_other, flat_other, batch_other = _layers(other, check_finite=check_finite, name="other")
     _backend.namespace(("captures", flat[0][0]), ("other", flat_other[0][0]))
     _checks.same_dtype([("captures", flat[0][0]), ("other", flat_other[0][0])])
     if len(flat) != len(flat_other):
@@ -332,12 +332,14 @@ def factorize(
 
     Forms the Gram ``GᵀG`` and the Cholesky factor of ``I + (scale/damping)·GᵀG`` (``B×B``,
     symmetric positive definite for ``damping > 0``, ``scale ≥ 0``). For the damped
-    subsampled Fisher ``λI + F`` of a batch, ``scale = 1/B``.
+    subsampled Fisher ``λI + F`` of a batch, ``scale = 1/B``. The captures must be float32 or
+    float64 (the factorisation has no half-precision kernels; cast them up first).
     """
     _checks.scalar("damping", damping, minimum=0.0, strict=True)
     _checks.scalar("scale", scale, minimum=0.0)
     xp, flat, batch = _layers(captures, check_finite=check_finite)
     like = flat[0][0]
+    _checks.linalg_dtype(xp, "captures[0][0] (a)", like)
     _backend.namespace(("captures", like), ("damping", damping), ("scale", scale))
     damping, scale = _backend.scalar_like(xp, damping, like), _backend.scalar_like(xp, scale, like)
     kernel, explicit = _gram_and_explicit(xp, flat, batch, "auto")
@@ -348,6 +350,19 @@ def factorize(
             "I + (scale/damping)·GᵀG is not positive definite; check the captures' scale"
         )
     return Woodbury(tuple((a, e) for a, e in captures), damping, scale, lower, explicit)
+
+
+def _factorized(woodbury: Any) -> tuple[Any, list, int]:
+    """Validate a :class:`Woodbury` argument; return its namespace, flattened captures and B."""
+    if not isinstance(woodbury, Woodbury):
+        raise ValueError(f"woodbury must be a Woodbury from factorize(); got {type(woodbury)}")
+    xp, flat, batch = _layers(woodbury.captures, check_finite=False, name="woodbury.captures")
+    _checks.linalg_dtype(xp, "woodbury.captures[0][0] (a)", flat[0][0])
+    lower = woodbury.lower
+    if not hasattr(lower, "shape") or tuple(lower.shape) != (batch, batch):
+        shape = tuple(lower.shape) if hasattr(lower, "shape") else type(lower).__name__
+        raise ValueError(f"woodbury.lower must be ({batch}, {batch}) (B×B); got {shape}")
+    return xp, flat, batch
 
 
 def solve(
@@ -366,9 +381,7 @@ def solve(
     :func:`solve_span`, which has no such cancellation; ``solve`` is for gradients of an
     independent batch.
     """
-    if not isinstance(woodbury, Woodbury):
-        raise ValueError(f"woodbury must be a Woodbury from factorize(); got {type(woodbury)}")
-    xp, flat, batch = _layers(woodbury.captures, check_finite=False)
+    xp, flat, batch = _factorized(woodbury)
     vectors = _vectors(xp, flat, vectors, "vectors")
     if vectors[0].ndim > 3:
         raise ValueError(
@@ -403,9 +416,7 @@ def solve_span(
     parameter-sized temporaries. ``coefficients``: ``(B,)`` or ``(K, B)``; returns one
     ``(d_out, d_in)`` (or ``(K, d_out, d_in)``) array per layer, like :func:`solve`.
     """
-    if not isinstance(woodbury, Woodbury):
-        raise ValueError(f"woodbury must be a Woodbury from factorize(); got {type(woodbury)}")
-    xp, flat, batch = _layers(woodbury.captures, check_finite=False)
+    xp, flat, batch = _factorized(woodbury)
     _backend.namespace(("captures", flat[0][0]), ("coefficients", coefficients))
     _checks.floating(xp, "coefficients", coefficients)
     _checks.same_dtype([("captures", flat[0][0]), ("coefficients", coefficients)])
@@ -423,9 +434,7 @@ def solve_span(
 def logdet(woodbury: Woodbury) -> Array:
     r"""``log det(damping·I + scale·G Gᵀ)`` by the matrix determinant lemma:
     ``D·log(damping) + log det(I + (scale/damping)·GᵀG)``, ``D`` the number of parameters."""
-    if not isinstance(woodbury, Woodbury):
-        raise ValueError(f"woodbury must be a Woodbury from factorize(); got {type(woodbury)}")
-    xp, flat, _ = _layers(woodbury.captures, check_finite=False)
+    xp, flat, _ = _factorized(woodbury)
     count = sum(int(a.shape[1]) * int(e.shape[1]) for a, e, _ in flat)
     diagonal = xp.linalg.diagonal(woodbury.lower)
     damping = woodbury.damping
@@ -443,7 +452,8 @@ def factorize_layers(
     r"""Layer-wise (block-diagonal) version of :func:`factorize`: one :class:`Woodbury` per
     layer, representing ``damping·I + scale·G_l G_lᵀ`` — the matrix with the cross-layer
     blocks of ``G Gᵀ`` set to zero."""
-    _layers(captures, check_finite=check_finite)
+    xp, flat, _ = _layers(captures, check_finite=check_finite)
+    _checks.linalg_dtype(xp, "captures[0][0] (a)", flat[0][0])
     return [factorize([pair], damping, scale, check_finite=False) for pair in captures]
 
 
