@@ -34,42 +34,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from curvlinalg import fisher, testing, woodbury
+from tests import references
 from tests.conftest import assert_backend_array, assert_close, rtol
+from tests.references import f64, to_np, vec
+
+property_test = references.property_tests(references.quarter_on_jax)
 
 F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
 I64 = np.dtype(np.int64)
 
 
-def property_test(**strategies: st.SearchStrategy) -> Callable[[Callable], Callable]:
-    """``@given`` over the ``backend`` and ``dtype`` fixtures; a quarter of the examples on JAX
-    (eager JAX compiles each operation per new shape), as in tests/test_kron.py."""
-
-    def decorate(check: Callable) -> Callable:
-        def test(backend: testing.Backend, dtype: np.dtype) -> None:
-            count = settings.default.max_examples
-            examples = max(3, count // 4) if backend.name == "jax" else count
-            run = given(backend=st.just(backend), dtype=st.just(dtype), **strategies)(check)
-            settings(max_examples=examples)(run)()
-
-        test.__name__, test.__qualname__ = check.__name__, check.__qualname__
-        test.__doc__ = check.__doc__
-        return test
-
-    return decorate
-
-
 # --------------------------------------------------------------------------------------
 # References (no curvlinalg)
 # --------------------------------------------------------------------------------------
-
-
-def f64(x: Any) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64)
-
-
-def to_np(backend: testing.Backend, x: Any) -> np.ndarray:
-    return f64(backend.to_numpy(x))
 
 
 def reference_softmax(logits: np.ndarray) -> np.ndarray:
@@ -80,10 +58,6 @@ def reference_softmax(logits: np.ndarray) -> np.ndarray:
 
 def one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
     return np.eye(classes)[np.asarray(labels)]
-
-
-def vec(m: np.ndarray) -> np.ndarray:
-    return np.asarray(m).reshape(-1, order="F")
 
 
 def basis(classes: int, d_in: int) -> np.ndarray:
@@ -543,7 +517,7 @@ def _error_cases() -> list[tuple[str, Callable[[Callable], Any], str]]:
         ),
         ("softmax-nan", lambda c: fisher.softmax(c(nan_logits)), r"logits.*NaN"),
         ("exact-nan", lambda c: fisher.softmax_exact_errors(c(nan_logits)), r"logits.*NaN"),
-        ("exact-3d", lambda c: fisher.softmax_exact_errors(c(logits[None])), "logits"),
+        ("exact-4d", lambda c: fisher.softmax_exact_errors(c(logits[None, None])), "logits"),
         (
             "errors-float-labels",
             lambda c: fisher.softmax_errors(c(logits), c(labels.astype(np.float64))),
@@ -638,3 +612,337 @@ def test_mixed_namespaces_raise(name: str) -> None:
         call(np.asarray(x["logits"]), torch.asarray(x[second]))
     with pytest.raises(ValueError, match="different libraries"):
         call(torch.asarray(x["logits"]), np.asarray(x[second]))
+
+
+# --------------------------------------------------------------------------------------
+# Sequences: (B, T, C) logits, (B, T) labels, padding masks
+# --------------------------------------------------------------------------------------
+
+
+def draw_sequence_model(data: st.DataObject, backend: testing.Backend, dtype: np.dtype):
+    """``(a, W, logits, mask, labels)`` of sequence softmax regression ``z_it = W a_it``:
+    ``a`` ``(B, T, d_in)``, ``logits`` ``(B, T, C)``, ``mask`` ``(B, T)`` boolean with every
+    sequence's tail padded (at least one kept position overall), ``labels`` ``(B, T)`` data
+    labels with ``-100`` (``ignore_index``) at padded positions."""
+    if backend.name == "jax":  # fixed shapes: fewer eager compilations
+        batch, length, classes, d_in = 2, 3, 3, 2
+    else:
+        batch, length = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4))
+        classes, d_in = data.draw(st.integers(2, 4)), data.draw(st.integers(1, 3))
+    scale = data.draw(st.sampled_from([0.3, 1.0, 2.0]))
+    a = data.draw(testing.arrays((batch, length, d_in), dtype=dtype))
+    w = data.draw(testing.arrays((classes, d_in), dtype=dtype, scale=scale))
+    logits = (f64(a) @ f64(w).T).astype(dtype)
+    lengths = np.asarray(
+        data.draw(st.lists(st.integers(0, length), min_size=batch, max_size=batch))
+    )
+    lengths[0] = max(lengths[0], 1)
+    mask = np.arange(length)[None, :] < lengths[:, None]
+    labels = np.asarray(
+        data.draw(
+            st.lists(st.integers(0, classes - 1), min_size=batch * length, max_size=batch * length)
+        )
+    ).reshape(batch, length)
+    labels = np.where(mask, labels, -100)
+    return a, w, logits, mask, labels
+
+
+def sequence_property(**strategies: st.SearchStrategy) -> Callable[[Callable], Callable]:
+    """:func:`property_test` for methods of :class:`TestSequences`."""
+
+    def decorate(check: Callable) -> Callable:
+        def test(self, backend: testing.Backend, dtype: np.dtype) -> None:
+            count = max(3, settings.default.max_examples // 2)
+            examples = max(3, count // 4) if backend.name == "jax" else count
+            run = given(backend=st.just(backend), dtype=st.just(dtype), **strategies)(
+                lambda **kw: check(self, **kw)
+            )
+            settings(max_examples=examples)(run)()
+
+        test.__name__, test.__qualname__ = check.__name__, check.__qualname__
+        test.__doc__ = check.__doc__
+        return test
+
+    return decorate
+
+
+class TestSequences:
+    """Language-model outputs: ``B·T`` independent softmax outputs, masked positions deleted.
+
+    References work on the kept positions only (``logits[mask]``, ``a[mask]``: padded
+    positions DELETED), with the ``(B, C)`` textbook formulas above; the library's rows at
+    padded positions must be exactly zero."""
+
+    @sequence_property(data=st.data())
+    def test_softmax_and_errors_per_position(
+        self, backend: testing.Backend, dtype: np.dtype, data: st.DataObject
+    ) -> None:
+        _, _, logits, mask, labels = draw_sequence_model(data, backend, dtype)
+        classes = logits.shape[-1]
+        p = to_np(backend, fisher.softmax(backend.asarray(logits)))
+        assert p.shape == logits.shape
+        flat = logits.reshape(-1, classes)
+        assert_close(p.reshape(-1, classes), reference_softmax(flat), dtype, logit_condition(logits))
+
+        result = fisher.softmax_errors(
+            backend.asarray(logits), backend.asarray(labels), mask=backend.asarray(mask)
+        )
+        assert_backend_array(result, backend, dtype)
+        out = to_np(backend, result)
+        assert out.shape == logits.shape
+        np.testing.assert_array_equal(out[~mask], 0.0)
+        kept_p, target = reference_softmax(logits[mask]), one_hot(labels[mask], classes)
+        condition = logit_condition(logits) * cancellation(kept_p + target, kept_p - target, 2)
+        assert_close(out[mask], kept_p - target, dtype, condition)
+
+        # Without a mask, (B, T) labels in range give the unmasked per-position errors.
+        filled = np.where(mask, labels, 0)
+        unmasked = to_np(
+            backend, fisher.softmax_errors(backend.asarray(logits), backend.asarray(filled))
+        )
+        expected = reference_softmax(flat) - one_hot(filled.reshape(-1), classes)
+        bound = reference_softmax(flat) + one_hot(filled.reshape(-1), classes)
+        assert_close(
+            unmasked.reshape(-1, classes),
+            expected,
+            dtype,
+            logit_condition(logits) * cancellation(bound, expected, 2),
+        )
+
+    @sequence_property(data=st.data())
+    def test_exact_rows_per_position_and_zero_where_masked(
+        self, backend: testing.Backend, dtype: np.dtype, data: st.DataObject
+    ) -> None:
+        """``[i, t, c, :] = √p_itc (p_it − e_c)``; ``Σ_c`` of their outer products is
+        ``diag p_it − p_it p_itᵀ`` at kept positions and 0 at padded ones."""
+        _, _, logits, mask, _ = draw_sequence_model(data, backend, dtype)
+        batch, length, classes = logits.shape
+        result = fisher.softmax_exact_errors(backend.asarray(logits), mask=backend.asarray(mask))
+        assert_backend_array(result, backend, dtype)
+        out = to_np(backend, result)
+        assert out.shape == (batch, length, classes, classes)
+        np.testing.assert_array_equal(out[~mask], 0.0)
+        p = reference_softmax(logits[mask])
+        rows = np.sqrt(p)[:, :, None] * (p[:, None, :] - np.eye(classes)[None])
+        rows_abs = np.sqrt(p)[:, :, None] * (p[:, None, :] + np.eye(classes)[None])
+        assert_close(out[mask], rows, dtype, logit_condition(logits) * cancellation(rows_abs, rows, 2))
+        gram = np.einsum("nci,ncj->nij", out[mask], out[mask])
+        expected = np.stack([np.diag(q) - np.outer(q, q) for q in p])
+        bound = np.einsum("nci,ncj->nij", rows_abs, rows_abs)
+        assert_close(
+            gram, expected, dtype, logit_condition(logits) * cancellation(bound, expected, classes + 2)
+        )
+        # Unmasked: every position's rows.
+        full = to_np(backend, fisher.softmax_exact_errors(backend.asarray(logits)))
+        p_all = reference_softmax(logits.reshape(-1, classes))
+        rows_all = np.sqrt(p_all)[:, :, None] * (p_all[:, None, :] - np.eye(classes)[None])
+        abs_all = np.sqrt(p_all)[:, :, None] * (p_all[:, None, :] + np.eye(classes)[None])
+        assert_close(
+            full.reshape(-1, classes, classes),
+            rows_all,
+            dtype,
+            logit_condition(logits) * cancellation(abs_all, rows_all, 2),
+        )
+
+    @sequence_property(data=st.data())
+    def test_sample_labels_per_position(
+        self, backend: testing.Backend, dtype: np.dtype, data: st.DataObject
+    ) -> None:
+        _, _, logits, mask, _ = draw_sequence_model(data, backend, dtype)
+        batch, length, classes = logits.shape
+        seed = data.draw(st.integers(0, 2**32 - 1))
+        uniform = np.random.default_rng(seed).uniform(size=(batch, length)).astype(dtype)
+        # Draws at padded positions are not validated: NaN or out of range is fine there.
+        uniform_padded = np.where(mask, uniform, np.nan if dtype == F64 else 7.0).astype(dtype)
+        result = fisher.sample_labels(
+            backend.asarray(logits), backend.asarray(uniform_padded), mask=backend.asarray(mask)
+        )
+        assert_backend_array(result, backend, I64)
+        labels = backend.to_numpy(result)
+        assert labels.shape == (batch, length)
+        np.testing.assert_array_equal(labels[~mask], 0)
+        cumulative = np.cumsum(reference_softmax(logits.reshape(-1, classes)), axis=1)
+        flat_u = f64(uniform).reshape(-1)
+        expected = np.minimum((cumulative <= flat_u[:, None]).sum(axis=1), classes - 1)
+        margin = 8 * rtol(dtype, logit_condition(logits) * classes)
+        clear = (np.abs(cumulative - flat_u[:, None]).min(axis=1) > margin) & mask.reshape(-1)
+        np.testing.assert_array_equal(labels.reshape(-1)[clear], expected[clear])
+        unmasked = backend.to_numpy(
+            fisher.sample_labels(backend.asarray(logits), backend.asarray(uniform))
+        )
+        clear_all = np.abs(cumulative - flat_u[:, None]).min(axis=1) > margin
+        np.testing.assert_array_equal(unmasked.reshape(-1)[clear_all], expected[clear_all])
+
+    @sequence_property(data=st.data())
+    def test_masked_sequence_captures_give_the_fisher_of_the_kept_tokens(
+        self, backend: testing.Backend, dtype: np.dtype, data: st.DataObject
+    ) -> None:
+        """Sequence softmax regression ``z_it = W a_it``: captures ``(a, e)`` reshaped to
+        ``B·T`` rows (exact: ``B·T·C``) with ``scale = 1/B`` give
+        ``(1/B) Σ_{kept (i,t)} (a aᵀ)⊗M_it``, ``M = (p − e_y)(p − e_y)ᵀ`` (empirical) or
+        ``diag p − ppᵀ`` (exact); the reference uses the kept positions only, and padded
+        inputs changed arbitrarily change nothing."""
+        a, _, logits, mask, labels = draw_sequence_model(data, backend, dtype)
+        batch, length, classes = logits.shape
+        d_in = a.shape[-1]
+        # Arbitrary inputs at padded positions (the errors there are zero).
+        a_padded = np.where(mask[..., None], a, 1e3 * np.ones_like(a)).astype(dtype)
+        kept_a, kept_p = f64(a[mask]), reference_softmax(logits[mask])
+        inputs = backend.asarray(a_padded.reshape(-1, d_in))
+        xp_mask = backend.asarray(mask)
+
+        errors = fisher.softmax_errors(backend.asarray(logits), backend.asarray(labels), mask=xp_mask)
+        captures = [(inputs, backend.xp.reshape(errors, (batch * length, classes)))]
+        kept_e = kept_p - one_hot(labels[mask], classes)
+        expected = sum(np.kron(np.outer(x, x), np.outer(e, e)) for x, e in zip(kept_a, kept_e))
+        expected = expected / batch
+        bound_e = kept_p + one_hot(labels[mask], classes)
+        bound = sum(
+            np.kron(np.outer(x, x), np.outer(e, e)) for x, e in zip(np.abs(kept_a), bound_e)
+        )
+        condition = logit_condition(logits) * cancellation(
+            bound / batch, expected, batch * length + classes + d_in
+        )
+        assert_close(
+            woodbury_fisher(backend, captures, classes, d_in, batch), expected, dtype, condition
+        )
+
+        rows = fisher.softmax_exact_errors(backend.asarray(logits), mask=xp_mask)
+        exact = [
+            (
+                backend.asarray(np.repeat(a_padded.reshape(-1, d_in), classes, axis=0)),
+                backend.xp.reshape(rows, (batch * length * classes, classes)),
+            )
+        ]
+        expected = kron_fisher(kept_a, kept_p) * len(kept_a) / batch
+        condition = logit_condition(logits) * cancellation(
+            kron_fisher_abs(kept_a, kept_p) * len(kept_a) / batch,
+            expected,
+            batch * length * classes + classes + d_in,
+        )
+        assert_close(woodbury_fisher(backend, exact, classes, d_in, batch), expected, dtype, condition)
+
+    def test_exact_fisher_is_the_hessian_of_the_per_token_loss(self) -> None:
+        """``(1/B) Σ_{kept (i,t)}`` of the exact rows' Fisher is the Hessian of the summed
+        per-token cross-entropy with ``ignore_index=-100``, divided by ``B``
+        (``torch.func.hessian``, float64; softmax regression, where Fisher = Hessian)."""
+        torch = pytest.importorskip("torch")
+        numpy_backend = testing.available_backends()[0]
+
+        @settings(max_examples=6)
+        @given(data=st.data())
+        def check(data: st.DataObject) -> None:
+            a, w, logits, mask, labels = draw_sequence_model(data, numpy_backend, F64)
+            batch, length, classes = logits.shape
+            d_in = a.shape[-1]
+            inputs, targets = torch.asarray(a), torch.asarray(labels)
+
+            def loss(weight):
+                z = (inputs @ weight.T).reshape(-1, classes)
+                ce = torch.nn.functional.cross_entropy(
+                    z, targets.reshape(-1), ignore_index=-100, reduction="sum"
+                )
+                return ce / batch
+
+            hessian = torch.func.hessian(loss)(torch.asarray(w))
+            dense = hessian.permute(1, 0, 3, 2).reshape(classes * d_in, classes * d_in).numpy()
+            rows = fisher.softmax_exact_errors(logits, mask=mask)
+            captures = [
+                (
+                    np.repeat(a.reshape(-1, d_in), classes, axis=0),
+                    rows.reshape(batch * length * classes, classes),
+                )
+            ]
+            library = woodbury_fisher(numpy_backend, captures, classes, d_in, batch)
+            kept_a, kept_p = a[mask], reference_softmax(logits[mask])
+            condition = logit_condition(logits) * cancellation(
+                kron_fisher_abs(kept_a, kept_p), kron_fisher(kept_a, kept_p), batch * length * classes + 8
+            )
+            assert_close(library, dense, F64, condition)
+
+        check()
+
+    def test_everything_works_under_jit_with_a_mask(
+        self, backend: testing.Backend, dtype: np.dtype
+    ) -> None:
+        if backend.jit is None:
+            pytest.skip("jit is JAX's")
+        rng = np.random.default_rng(5)
+        logits = backend.asarray((2 * rng.standard_normal((2, 3, 4))).astype(dtype))
+        mask = backend.asarray(np.array([[True, True, False], [True, False, False]]))
+        labels = backend.asarray(np.array([[1, 3, -100], [0, -100, -100]], dtype=np.int64))
+        uniform = backend.asarray(rng.uniform(size=(2, 3)).astype(dtype))
+
+        def everything(z, y, u, m):
+            return {
+                "softmax": fisher.softmax(z),
+                "sample_labels": fisher.sample_labels(z, u, mask=m),
+                "softmax_errors": fisher.softmax_errors(z, y, mask=m),
+                "softmax_exact_errors": fisher.softmax_exact_errors(z, mask=m),
+            }
+
+        eager = everything(logits, labels, uniform, mask)
+        jitted = backend.jit(everything)(logits, labels, uniform, mask)
+        for name in eager:
+            expected_dtype = I64 if name == "sample_labels" else dtype
+            assert_backend_array(jitted[name], backend, expected_dtype)
+            assert_close(to_np(backend, jitted[name]), to_np(backend, eager[name]), dtype, 10.0)
+        np.testing.assert_array_equal(backend.to_numpy(jitted["softmax_errors"])[0, 2], 0.0)
+
+    def test_inputs_are_untouched(self, backend: testing.Backend, dtype: np.dtype) -> None:
+        rng = np.random.default_rng(6)
+        arrays = {
+            "logits": rng.standard_normal((2, 3, 4)).astype(dtype),
+            "mask": np.array([[True, False, True], [False, False, True]]),
+            "labels": np.array([[1, -100, 2], [-100, -100, 0]], dtype=np.int64),
+            "uniform": rng.uniform(size=(2, 3)).astype(dtype),
+        }
+        inputs = {k: backend.asarray(v) for k, v in arrays.items()}
+        fisher.softmax_errors(inputs["logits"], inputs["labels"], mask=inputs["mask"])
+        fisher.softmax_exact_errors(inputs["logits"], mask=inputs["mask"])
+        fisher.sample_labels(inputs["logits"], inputs["uniform"], mask=inputs["mask"])
+        for key, value in arrays.items():
+            np.testing.assert_array_equal(backend.to_numpy(inputs[key]), value)
+
+    @pytest.mark.parametrize(
+        "case, pattern",
+        [
+            ("labels-b-for-btc", "labels"),
+            ("labels-out-of-range-unmasked", r"labels at unmasked positions"),
+            ("ignore-index-without-mask", r"labels must lie"),
+            ("mask-float", r"mask.*boolean"),
+            ("mask-shape", r"mask"),
+            ("mask-shape-exact", r"mask"),
+            ("uniform-b-for-btc", "uniform"),
+            ("uniform-nan-unmasked", "uniform"),
+        ],
+    )
+    def test_bad_sequence_input_raises_naming_the_argument(
+        self, backend: testing.Backend, case: str, pattern: str
+    ) -> None:
+        c = backend.asarray
+        rng = np.random.default_rng(8)
+        logits = rng.standard_normal((2, 3, 4))
+        mask = np.array([[True, True, False], [True, False, False]])
+        labels = np.array([[1, 3, -100], [0, -100, -100]], dtype=np.int64)
+        uniform = rng.uniform(size=(2, 3))
+        nan_uniform = uniform.copy()
+        nan_uniform[0, 0] = np.nan
+        calls = {
+            "labels-b-for-btc": lambda: fisher.softmax_errors(c(logits), c(labels[:, 0])),
+            "labels-out-of-range-unmasked": lambda: fisher.softmax_errors(
+                c(logits), c(np.where(mask, 4, -100)), mask=c(mask)
+            ),
+            "ignore-index-without-mask": lambda: fisher.softmax_errors(c(logits), c(labels)),
+            "mask-float": lambda: fisher.softmax_errors(
+                c(logits), c(labels), mask=c(mask.astype(np.float64))
+            ),
+            "mask-shape": lambda: fisher.softmax_errors(c(logits), c(labels), mask=c(mask[:, :2])),
+            "mask-shape-exact": lambda: fisher.softmax_exact_errors(c(logits), mask=c(mask[0])),
+            "uniform-b-for-btc": lambda: fisher.sample_labels(c(logits), c(uniform[:, 0])),
+            "uniform-nan-unmasked": lambda: fisher.sample_labels(
+                c(logits), c(nan_uniform), mask=c(mask)
+            ),
+        }
+        with pytest.raises(ValueError, match=pattern):
+            calls[case]()

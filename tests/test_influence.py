@@ -20,49 +20,20 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import curvlinalg
 from curvlinalg import influence, kron, testing, woodbury
+from tests import references
 from tests.conftest import assert_backend_array, assert_close
+from tests.references import f64, to_np, with_positions
 
-
-def property_test(**strategies: st.SearchStrategy) -> Callable[[Callable], Callable]:
-    """``@given`` over the ``backend`` and ``dtype`` fixtures with half the profile's examples
-    (the suite's time budget); JAX, which compiles each eager operation per new shape, runs
-    three with a fixed layout (:func:`draw_problem`)."""
-
-    def decorate(check: Callable) -> Callable:
-        def test(backend: testing.Backend, dtype: np.dtype) -> None:
-            count = settings.default.max_examples
-            examples = 3 if backend.name == "jax" else max(5, count // 2)
-            run = given(backend=st.just(backend), dtype=st.just(dtype), **strategies)(check)
-            settings(max_examples=examples)(run)()
-
-        test.__name__, test.__qualname__ = check.__name__, check.__qualname__
-        test.__doc__ = check.__doc__
-        return test
-
-    return decorate
+property_test = references.property_tests(references.half_three_on_jax)
 
 
 # --------------------------------------------------------------------------------------
 # Dense references (none of them calls curvlinalg)
 # --------------------------------------------------------------------------------------
-
-
-def f64(x: Any) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64)
-
-
-def to_np(backend: testing.Backend, x: Any) -> np.ndarray:
-    return f64(backend.to_numpy(x))
-
-
-def with_positions(x: np.ndarray) -> np.ndarray:
-    x = f64(x)
-    return x[:, None, :] if x.ndim == 2 else x
 
 
 def vec_rows(g: np.ndarray) -> np.ndarray:

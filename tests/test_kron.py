@@ -24,12 +24,16 @@ from typing import Any
 import numpy as np
 import pytest
 import scipy.linalg
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import curvlinalg
 from curvlinalg import kron, testing
+from tests import references
 from tests.conftest import assert_backend_array, assert_close, rtol
+from tests.references import f64, mat, to_np, vec
+
+property_test = references.property_tests(references.quarter_on_jax)
 
 # Matrix sizes. JAX's eager mode compiles every operation once per new shape and dtype
 # (≈20–40 ms each on CPU, ~800 compilations for this file), which would dominate the run time.
@@ -44,24 +48,6 @@ def sizes(backend: testing.Backend) -> st.SearchStrategy[int]:
     return JAX_SIZES if backend.name == "jax" else SIZES
 
 
-def property_test(**strategies: st.SearchStrategy) -> Callable[[Callable], Callable]:
-    """``@given(**strategies)`` for a check ``check(backend, dtype, **drawn)``, made into a
-    test over the ``backend`` and ``dtype`` fixtures, with a quarter of the examples on JAX."""
-
-    def decorate(check: Callable) -> Callable:
-        def test(backend: testing.Backend, dtype: np.dtype) -> None:
-            count = settings.default.max_examples
-            examples = max(3, count // 4) if backend.name == "jax" else count
-            run = given(backend=st.just(backend), dtype=st.just(dtype), **strategies)(check)
-            settings(max_examples=examples)(run)()
-
-        test.__name__, test.__qualname__ = check.__name__, check.__qualname__
-        test.__doc__ = check.__doc__
-        return test
-
-    return decorate
-
-
 # --------------------------------------------------------------------------------------
 # Helpers: references and conversions (none of them calls curvlinalg)
 # --------------------------------------------------------------------------------------
@@ -70,20 +56,6 @@ def property_test(**strategies: st.SearchStrategy) -> Callable[[Callable], Calla
 def kappa(dtype: np.dtype) -> float:
     """Condition-number bound of drawn factors: smaller for float32 (see module docstring)."""
     return 10.0 if np.dtype(dtype) == np.float32 else 100.0
-
-
-def f64(x: Any) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64)
-
-
-def vec(m: np.ndarray) -> np.ndarray:
-    """Column-major vec."""
-    return np.asarray(m).reshape(-1, order="F")
-
-
-def mat(v: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Inverse of :func:`vec`."""
-    return np.asarray(v).reshape(shape, order="F")
 
 
 def kron_apply(matrix: np.ndarray, grad: np.ndarray) -> np.ndarray:
@@ -111,10 +83,6 @@ def spd(data: st.DataObject, n: int, dtype: np.dtype, scales=(1e-2, 1.0, 1e2)) -
 
 def normal(data: st.DataObject, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return data.draw(testing.arrays(shape, dtype=dtype))
-
-
-def to_np(backend: testing.Backend, x: Any) -> np.ndarray:
-    return f64(backend.to_numpy(x))
 
 
 def eye(n: int) -> np.ndarray:

@@ -23,54 +23,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import curvlinalg
 from curvlinalg import kron, testing
+from tests import references
 from tests.conftest import assert_backend_array, assert_close
+from tests.references import f64, mat, to_np, vec, with_positions
+
+property_test = references.property_tests(references.half_three_on_jax)
 
 F32 = np.dtype(np.float32)
-
-
-def property_test(**strategies: st.SearchStrategy) -> Callable[[Callable], Callable]:
-    """``@given`` over the ``backend`` and ``dtype`` fixtures with half the profile's examples
-    (the suite's time budget); JAX, which compiles each eager operation per new shape, runs
-    three with fixed sizes (:func:`dims`)."""
-
-    def decorate(check: Callable) -> Callable:
-        def test(backend: testing.Backend, dtype: np.dtype) -> None:
-            count = settings.default.max_examples
-            examples = 3 if backend.name == "jax" else max(5, count // 2)
-            run = given(backend=st.just(backend), dtype=st.just(dtype), **strategies)(check)
-            settings(max_examples=examples)(run)()
-
-        test.__name__, test.__qualname__ = check.__name__, check.__qualname__
-        test.__doc__ = check.__doc__
-        return test
-
-    return decorate
-
-
-def f64(x: Any) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64)
-
-
-def to_np(backend: testing.Backend, x: Any) -> np.ndarray:
-    return f64(backend.to_numpy(x))
-
-
-def vec(m: np.ndarray) -> np.ndarray:
-    return np.asarray(m).reshape(-1, order="F")
-
-
-def mat(v: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    return np.asarray(v).reshape(shape, order="F")
-
-
-def with_positions(x: np.ndarray) -> np.ndarray:
-    x = f64(x)
-    return x[:, None, :] if x.ndim == 2 else x
 
 
 def reference_per_example(a: np.ndarray, e: np.ndarray) -> np.ndarray:
@@ -444,3 +407,104 @@ def test_check_finite_false_skips_the_scan() -> None:
     identity = kron.Eigh(np.ones(2), np.eye(2))
     result = kron.eigen_correction(a, np.ones((3, 2)), identity, identity, check_finite=False)
     assert np.isnan(result).any()
+
+
+# --------------------------------------------------------------------------------------
+# corrected_solve_captures = corrected_solve of the mean gradient, without forming it
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "lead, d_in, d_out, from_captures",
+    [
+        ((2,), 4, 3, True),  # N = 2 rows: rotate the captures
+        ((2, 1), 4, 3, True),
+        ((1, 2), 3, 4, True),  # (B, T, d): positions summed within the example
+        ((6, 3), 4, 3, False),  # N = 18 ≥ d: form ∇W first
+        ((12,), 2, 3, False),
+    ],
+)
+def test_corrected_solve_captures_is_the_dense_solve_of_the_mean_gradient(
+    backend: testing.Backend,
+    dtype: np.dtype,
+    lead: tuple[int, ...],
+    d_in: int,
+    d_out: int,
+    from_captures: bool,
+) -> None:
+    rows = int(np.prod(lead))
+    assert kron._rotate_from_captures(rows, d_in, d_out) == from_captures  # both orders run
+    rng = np.random.default_rng(rows * 10 + d_in)
+    a = rng.standard_normal(lead + (d_in,)).astype(dtype)
+    e = rng.standard_normal(lead + (d_out,)).astype(dtype)
+    u_a = np.linalg.qr(rng.standard_normal((d_in, d_in)))[0].astype(dtype)
+    u_g = np.linalg.qr(rng.standard_normal((d_out, d_out)))[0].astype(dtype)
+    correction = (0.1 + rng.standard_normal((d_out, d_in)) ** 2).astype(dtype)
+    damping = 0.05
+    # Reference: ∇W from explicit per-example gradients, then the dense system.
+    grad = reference_per_example(a, e).mean(axis=0)
+    q = np.kron(f64(u_a), f64(u_g))
+    dense = q @ np.diag(vec(f64(correction))) @ q.T + damping * np.eye(d_in * d_out)
+    expected = mat(np.linalg.solve(dense, vec(grad)), (d_out, d_in))
+    cast = backend.asarray
+    a_b, e_b = cast(a), cast(e)
+    result = compiled(
+        backend, lambda *arrays: kron.corrected_solve_captures(*arrays, damping)
+    )(
+        a_b,
+        e_b,
+        kron.Eigh(cast(np.ones(d_in, dtype)), cast(u_a)),
+        kron.Eigh(cast(np.ones(d_out, dtype)), cast(u_g)),
+        cast(correction),
+    )
+    assert_backend_array(result, backend, dtype)
+    # κ of the system times the accumulation length (rows of ∇W, then two rotations).
+    condition = float(np.linalg.cond(dense)) * (rows + d_in + d_out)
+    assert_close(to_np(backend, result), expected, dtype, condition)
+    np.testing.assert_array_equal(backend.to_numpy(a_b), a)
+    np.testing.assert_array_equal(backend.to_numpy(e_b), e)
+
+
+def test_corrected_solve_captures_errors_name_the_argument() -> None:
+    rng = np.random.default_rng(5)
+    a, e = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    identity3, identity2 = kron.Eigh(np.ones(3), np.eye(3)), kron.Eigh(np.ones(2), np.eye(2))
+    ones = np.ones((2, 3))
+    solve = kron.corrected_solve_captures
+    with pytest.raises(ValueError, match="correction has shape"):
+        solve(a, e, identity3, identity2, np.ones((3, 2)), 0.1)
+    with pytest.raises(ValueError, match="a_eigh"):
+        solve(a, e, identity2, identity2, ones, 0.1)
+    with pytest.raises(ValueError, match="shape mismatch: a has leading shape"):
+        solve(a, e[:3], identity3, identity2, ones, 0.1)
+    with pytest.raises(curvlinalg.NotPositiveDefiniteError, match="correction"):
+        solve(a, e, identity3, identity2, -ones, 0.1)
+    with pytest.raises(ValueError, match="damping"):
+        solve(a, e, identity3, identity2, ones, -1.0)
+    bad = a.copy()
+    bad[0, 0] = np.inf
+    with pytest.raises(ValueError, match="a"):
+        solve(bad, e, identity3, identity2, ones, 0.1)
+
+
+@pytest.mark.parametrize("bad", ["matrix", "list", "single"])
+def test_a_non_eigh_decomposition_is_a_value_error_naming_the_argument(bad: str) -> None:
+    """A bare matrix (the factor itself, a common slip), a list, or a 1-tuple for ``a_eigh``
+    is refused with a ValueError naming ``a_eigh`` — not an IndexError from inside."""
+    rng = np.random.default_rng(6)
+    a, e = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    g_eigh = kron.Eigh(np.ones(2), np.eye(2))
+    decomposition = {
+        "matrix": np.eye(3),
+        "list": [np.ones(3), np.eye(3)],
+        "single": (np.eye(3),),
+    }[bad]
+    calls = [
+        lambda: kron.eigen_solve(np.ones((2, 3)), decomposition, g_eigh, 0.1),
+        lambda: kron.corrected_solve(np.ones((2, 3)), decomposition, g_eigh, np.ones((2, 3)), 0.1),
+        lambda: kron.corrected_solve_captures(a, e, decomposition, g_eigh, np.ones((2, 3)), 0.1),
+        lambda: kron.eigen_correction(a, e, decomposition, g_eigh),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="a_eigh must be an Eigh"):
+            call()

@@ -39,35 +39,18 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import curvlinalg
 from curvlinalg import laplace, testing
+from tests import references
 from tests.conftest import assert_backend_array, assert_close, rtol
+from tests.references import f64, to_np
+
+property_test = references.property_tests(references.quarter_on_jax)
 
 F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
-
-
-def property_test(**strategies: st.SearchStrategy) -> Callable[[Callable], Callable]:
-    """``@given(**strategies)`` for ``check(backend, dtype, **drawn)``, made into a test over the
-    ``backend`` and ``dtype`` fixtures. JAX runs a quarter of the profile's examples, calls the
-    functions through :func:`evaluate` (``jax.jit``) and draws few distinct shapes: compiling
-    dominates its run time (as in tests/test_kron.py)."""
-
-    def decorate(check: Callable) -> Callable:
-        def test(backend: testing.Backend, dtype: np.dtype) -> None:
-            count = settings.default.max_examples
-            examples = max(3, count // 4) if backend.name == "jax" else count
-            run = given(backend=st.just(backend), dtype=st.just(dtype), **strategies)(check)
-            settings(max_examples=examples)(run)()
-
-        test.__name__, test.__qualname__ = check.__name__, check.__qualname__
-        test.__doc__ = check.__doc__
-        return test
-
-    return decorate
 
 
 _JITTED: dict[Callable, Callable] = {}
@@ -95,14 +78,6 @@ def sizes(backend: testing.Backend, low: int = 1, high: int = 4) -> st.SearchStr
 # --------------------------------------------------------------------------------------
 
 Captures = Sequence[tuple[np.ndarray, np.ndarray]]
-
-
-def f64(x: Any) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64)
-
-
-def to_np(backend: testing.Backend, x: Any) -> np.ndarray:
-    return f64(backend.to_numpy(x))
 
 
 def shapes(captures: Captures) -> list[tuple[int, int]]:

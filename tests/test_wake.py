@@ -47,6 +47,7 @@ from hypothesis import strategies as st
 
 from curvlinalg import NotPositiveDefiniteError, schedule, testing, wake
 from tests.conftest import assert_backend_array, assert_close, rtol
+from tests.references import mat, vec
 
 F64 = np.dtype(np.float64)
 F32 = np.dtype(np.float32)
@@ -68,15 +69,6 @@ def wake_sum(items: Sequence[np.ndarray], rho: float) -> np.ndarray:
     return sum(
         kappa(i, rho) * rho ** (k - i) * np.asarray(items[i], np.float64) for i in range(k + 1)
     )
-
-
-def vec(m: np.ndarray) -> np.ndarray:
-    """Column-major vec: (A⊗G) vec(V) = vec(G V Aᵀ)."""
-    return np.asarray(m, np.float64).reshape(-1, order="F")
-
-
-def mat(v: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    return v.reshape(shape, order="F")
 
 
 def cond(m: np.ndarray) -> float:

@@ -37,53 +37,23 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import curvlinalg
 from curvlinalg import testing, woodbury
+from tests import references
 from tests.conftest import assert_backend_array, assert_close, rtol
+from tests.references import f64, to_np, with_positions
+
+property_test = references.property_tests(references.quarter_on_jax)
 
 F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
 
 
-def property_test(**strategies: st.SearchStrategy) -> Callable[[Callable], Callable]:
-    """``@given(**strategies)`` for a check ``check(backend, dtype, **drawn)``, made into a test
-    over the ``backend`` and ``dtype`` fixtures. JAX runs a quarter of the profile's examples
-    (its eager mode compiles each operation once per new shape), as in tests/test_kron.py."""
-
-    def decorate(check: Callable) -> Callable:
-        def test(backend: testing.Backend, dtype: np.dtype) -> None:
-            count = settings.default.max_examples
-            examples = max(3, count // 4) if backend.name == "jax" else count
-            run = given(backend=st.just(backend), dtype=st.just(dtype), **strategies)(check)
-            settings(max_examples=examples)(run)()
-
-        test.__name__, test.__qualname__ = check.__name__, check.__qualname__
-        test.__doc__ = check.__doc__
-        return test
-
-    return decorate
-
-
 # --------------------------------------------------------------------------------------
 # Dense references (none of them calls curvlinalg)
 # --------------------------------------------------------------------------------------
-
-
-def f64(x: Any) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64)
-
-
-def to_np(backend: testing.Backend, x: Any) -> np.ndarray:
-    return f64(backend.to_numpy(x))
-
-
-def with_positions(x: np.ndarray) -> np.ndarray:
-    """``(B, d)`` → ``(B, 1, d)``; ``(B, T, d)`` unchanged."""
-    x = f64(x)
-    return x[:, None, :] if x.ndim == 2 else x
 
 
 def reference_per_example(
