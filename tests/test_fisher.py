@@ -682,7 +682,9 @@ class TestSequences:
         p = to_np(backend, fisher.softmax(backend.asarray(logits)))
         assert p.shape == logits.shape
         flat = logits.reshape(-1, classes)
-        assert_close(p.reshape(-1, classes), reference_softmax(flat), dtype, logit_condition(logits))
+        assert_close(
+            p.reshape(-1, classes), reference_softmax(flat), dtype, logit_condition(logits)
+        )
 
         result = fisher.softmax_errors(
             backend.asarray(logits), backend.asarray(labels), mask=backend.asarray(mask)
@@ -725,12 +727,17 @@ class TestSequences:
         p = reference_softmax(logits[mask])
         rows = np.sqrt(p)[:, :, None] * (p[:, None, :] - np.eye(classes)[None])
         rows_abs = np.sqrt(p)[:, :, None] * (p[:, None, :] + np.eye(classes)[None])
-        assert_close(out[mask], rows, dtype, logit_condition(logits) * cancellation(rows_abs, rows, 2))
+        assert_close(
+            out[mask], rows, dtype, logit_condition(logits) * cancellation(rows_abs, rows, 2)
+        )
         gram = np.einsum("nci,ncj->nij", out[mask], out[mask])
         expected = np.stack([np.diag(q) - np.outer(q, q) for q in p])
         bound = np.einsum("nci,ncj->nij", rows_abs, rows_abs)
         assert_close(
-            gram, expected, dtype, logit_condition(logits) * cancellation(bound, expected, classes + 2)
+            gram,
+            expected,
+            dtype,
+            logit_condition(logits) * cancellation(bound, expected, classes + 2),
         )
         # Unmasked: every position's rows.
         full = to_np(backend, fisher.softmax_exact_errors(backend.asarray(logits)))
@@ -791,7 +798,9 @@ class TestSequences:
         inputs = backend.asarray(a_padded.reshape(-1, d_in))
         xp_mask = backend.asarray(mask)
 
-        errors = fisher.softmax_errors(backend.asarray(logits), backend.asarray(labels), mask=xp_mask)
+        errors = fisher.softmax_errors(
+            backend.asarray(logits), backend.asarray(labels), mask=xp_mask
+        )
         captures = [(inputs, backend.xp.reshape(errors, (batch * length, classes)))]
         kept_e = kept_p - one_hot(labels[mask], classes)
         expected = sum(np.kron(np.outer(x, x), np.outer(e, e)) for x, e in zip(kept_a, kept_e))
@@ -820,7 +829,9 @@ class TestSequences:
             expected,
             batch * length * classes + classes + d_in,
         )
-        assert_close(woodbury_fisher(backend, exact, classes, d_in, batch), expected, dtype, condition)
+        assert_close(
+            woodbury_fisher(backend, exact, classes, d_in, batch), expected, dtype, condition
+        )
 
     def test_exact_fisher_is_the_hessian_of_the_per_token_loss(self) -> None:
         """``(1/B) Σ_{kept (i,t)}`` of the exact rows' Fisher is the Hessian of the summed
@@ -856,7 +867,9 @@ class TestSequences:
             library = woodbury_fisher(numpy_backend, captures, classes, d_in, batch)
             kept_a, kept_p = a[mask], reference_softmax(logits[mask])
             condition = logit_condition(logits) * cancellation(
-                kron_fisher_abs(kept_a, kept_p), kron_fisher(kept_a, kept_p), batch * length * classes + 8
+                kron_fisher_abs(kept_a, kept_p),
+                kron_fisher(kept_a, kept_p),
+                batch * length * classes + 8,
             )
             assert_close(library, dense, F64, condition)
 
