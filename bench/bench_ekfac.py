@@ -267,6 +267,13 @@ def scores_case(rng, batch_q, batch_t, positions, d_in, d_out, rounds, shuffle, 
         np.finfo(np.float32).eps * np.max(correction) / damping
     )
     result["positions"] = positions or 1
+    # auto's choice: the cost model reads only the widths and the positions of a layer.
+    layer = (np.empty((0, d_in)), np.empty((0, d_out)), positions or 1)
+    layer_q = layer_t = layer
+    pair_cost = d_in * d_out + 2 * d_in + d_out  # as in influence.ekfac_scores
+    result["auto_method"] = influence._cross_method(
+        "auto", layer_q, layer_t, batch_q, batch_t, pair_cost
+    )
     return result
 
 

@@ -24,6 +24,7 @@ def test_bench_ekfac_quick(tmp_path):
     assert any(r["case"].startswith("ekfac_scores") for r in results)
     for result in results:
         assert "materialised" in result["entries"] and "auto" in result["entries"]
+        assert result["auto_method"] in ("pairs", "explicit")
         for entry in result["entries"].values():
             assert entry["median_ms"] > 0 and entry["peak_mib"] >= 0
             assert 0 <= entry["relative_error_vs_float64"] < 1e-3  # float32 against float64
