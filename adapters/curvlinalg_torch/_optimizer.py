@@ -97,6 +97,7 @@ from torch import Tensor, nn
 
 from curvlinalg import NotPositiveDefiniteError, kron, schedule
 
+from .amp import refuse_attribute_protocol, unscale_for_step
 from .capture import Capture, LayerCapture, LossReduction, find_layers, matrix_to_parameters
 
 __all__ = ["CurvatureOptimizer", "ddp_ignore_captured"]
@@ -273,6 +274,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     #: whether the optimizer needs the errors ``e`` of the data backward (it always does for
     #: the step itself; subclasses may need sampled errors too).
     _needs_sampled_errors = False
+    #: ``torch.amp.GradScaler.step`` hands itself to ``step(grad_scaler=...)`` instead of
+    #: unscaling ``.grad`` and skipping by itself: the captured errors are scaled too
+    #: (:mod:`curvlinalg_torch.amp`).
+    _step_supports_amp_scaling = True
+    #: whether the current step was handed a ``GradScaler`` (its overflow skips do not warn).
+    _scaled_step = False
 
     def __init__(
         self,
@@ -727,7 +734,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _skip(self, why: str) -> None:
         self.skipped_steps += 1
-        if not self._warned_skip:
+        # Under a GradScaler an overflow skip is how the scale is found (torch skips silently).
+        if not self._warned_skip and not self._scaled_step:
             warnings.warn(
                 f"{type(self).__name__}: {why}; the step was skipped and no state changed "
                 "(further skips are counted in .skipped_steps without warning)",
@@ -739,12 +747,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _on_skip(self) -> None:
         """Hook for subclasses to undo side effects of the forward (e.g. RNG draws)."""
 
+    def _unscale(self, grad_scaler: Any) -> None:
+        """Unscale ``.grad`` and the captured errors of a ``GradScaler``-scaled backward
+        (:func:`curvlinalg_torch.amp.unscale_for_step`); nothing without an enabled scaler."""
+        if grad_scaler is None:
+            refuse_attribute_protocol(self)
+        self._scaled_step = grad_scaler is not None and grad_scaler.is_enabled()
+        if self._scaled_step:
+            unscale_for_step(self, grad_scaler)
+
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None, grad_scaler: Any = None) -> Any:  # type: ignore[override]
         """Take one step from the captures of the last forward/backward (see module doc).
 
         ``closure`` (optional) is called with grad enabled before the step, as in
-        ``torch.optim``; it must run the forward and backward itself.
+        ``torch.optim``; it must run the forward and backward itself. ``grad_scaler`` is
+        passed by ``torch.amp.GradScaler.step(optimizer)``: the gradients and captured errors
+        of the scaled loss are unscaled first (:mod:`curvlinalg_torch.amp`); an overflow
+        skips the step under the failure rule below.
 
         Failure rule: the step either completes or leaves the optimizer exactly as it was.
         New factors, inverses and steps are computed into a staged copy of the layer states
@@ -757,6 +777,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._unscale(grad_scaler)
         committed = self._layer_state
         try:
             damping = self._check_damping(self.param_groups[0]["damping"])

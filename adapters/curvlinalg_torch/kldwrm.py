@@ -438,13 +438,16 @@ class KLDWRM(KFAC):
     # ------------------------------------------------------------------ the step
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None, grad_scaler: Any = None
+    ) -> Any:
         """One KLD-WRM step from the captures of the last forward/backward.
 
         SO and Q: ``closure`` (optional) follows ``torch.optim``: it runs the forward and the
         backward and returns the loss, which is returned. QE: ``closure`` is required and is
         the *forward function* of the current mini-batch (module docstring, "The QE step
-        contract"); returns ``None``.
+        contract"); returns ``None`` (under a ``GradScaler``: ``scaler.step(opt, closure)``).
+        ``grad_scaler``: passed by ``torch.amp.GradScaler.step`` (:mod:`curvlinalg_torch.amp`).
         """
         lr = self.param_groups[0]["lr"]
         if not lr > 0:
@@ -460,7 +463,7 @@ class KLDWRM(KFAC):
         steps = self._steps
         start = self._snapshot() if self.variant == "qe" else None
         try:
-            result = super().step(None if self.variant == "qe" else closure)
+            result = super().step(None if self.variant == "qe" else closure, grad_scaler)
             if self._steps == steps:  # skipped: no state may change
                 return result
             self._lam_prev = self._lam

@@ -55,6 +55,7 @@ from torch.func import functional_call
 from curvlinalg import kron
 from curvlinalg import laplace as core
 
+from .amp import working_dtype
 from .capture import Capture, LayerCapture, gradient_shape
 from .capture import parameters_to_matrix as _to_matrix
 from .natural_gradient import FisherType, fisher_captures
@@ -182,6 +183,9 @@ class Laplace:
             if not capture.layers:
                 raise ValueError("model has no supported layer (nn.Linear / nn.Conv2d) to fit")
             self._record_layers(capture.layers)
+            # Captures, MAP blocks and the log likelihood in float32 for a half-precision
+            # model or under torch.autocast (the core factorises in float32/float64 only).
+            work = self._map[0].dtype
             log_likelihood: Tensor | None = None
             seen = 0
             sums: list[list[Tensor]] = []
@@ -198,7 +202,7 @@ class Laplace:
                         f"the model must return logits (B, C); got shape {tuple(logits.shape)}"
                     )
                 batch = int(logits.shape[0])
-                loss = F.cross_entropy(logits.detach(), y, reduction="sum")
+                loss = F.cross_entropy(logits.detach().to(work), y, reduction="sum")
                 log_likelihood = -loss if log_likelihood is None else log_likelihood - loss
                 seen += batch
                 if not curvature:
@@ -206,12 +210,15 @@ class Laplace:
                 pairs, rows = fisher_captures(
                     capture, logits, self.fisher, labels=y, generator=generator
                 )
+                pairs = [(a.to(work), e.to(work)) for a, e in pairs]
                 if self.structure == "woodbury":
                     self._captures = [(a.detach(), e.detach()) for a, e in pairs]
                     self._rows_per_example = rows
                 else:
                     for index, (a, e) in enumerate(pairs):
-                        a_sum, g_sum = self._kron_sums(a, e, rows, batch)
+                        # Not under the caller's torch.autocast (its matmuls would be bfloat16).
+                        with torch.autocast(a.device.type, enabled=False):
+                            a_sum, g_sum = self._kron_sums(a, e, rows, batch)
                         if len(sums) <= index:
                             sums.append([a_sum, g_sum])
                         else:
@@ -254,7 +261,10 @@ class Laplace:
             )
             for layer in layers
         ]
-        self._map = [_to_matrix(layer.module).clone() for layer in layers]
+        self._map = [
+            _to_matrix(layer.module).to(working_dtype(layer.module.weight.dtype), copy=True)
+            for layer in layers
+        ]
 
     # ------------------------------------------------------------------ sampling
 

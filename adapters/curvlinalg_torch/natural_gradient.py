@@ -439,7 +439,10 @@ class NaturalGradient(CurvatureOptimizer):
         self, active: list[tuple[int, LayerCapture]]
     ) -> tuple[list[tuple[Tensor, Tensor]], int]:
         if self.fisher == "empirical":
-            return [(layer.a, layer.e) for _, layer in active], 1  # type: ignore[misc]
+            pairs = [
+                (self._captured(layer, "a"), self._captured(layer, "e")) for _, layer in active
+            ]
+            return pairs, 1
         if self._pending is None:
             raise RuntimeError(
                 f"NaturalGradient(fisher={self.fisher!r}) has no Fisher captures for this step: "
@@ -454,7 +457,8 @@ class NaturalGradient(CurvatureOptimizer):
             e = errors[index]
             if e is None:
                 raise RuntimeError(f"layer {layer.name!r} has no Fisher errors for this step")
-            pairs.append((_repeat_rows(layer.a, rows), e))
+            a = _repeat_rows(self._captured(layer, "a"), rows)
+            pairs.append((a, e if e.dtype == a.dtype else e.to(a.dtype)))
         return pairs, rows
 
     @staticmethod
@@ -464,9 +468,10 @@ class NaturalGradient(CurvatureOptimizer):
         return not sums or bool(torch.isfinite(torch.stack(sums).sum()))
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None, grad_scaler: Any = None) -> Any:  # type: ignore[override]
         """Take one natural-gradient step from the captures of the last forward/backward.
 
+        ``grad_scaler``: passed by ``torch.amp.GradScaler.step`` (:mod:`curvlinalg_torch.amp`).
         The failure rule of :meth:`CurvatureOptimizer.step` holds: an error (bad damping,
         a Gram matrix that is not positive definite) is raised naming the layers before any
         parameter or state changed; a non-finite step is skipped."""
@@ -474,6 +479,7 @@ class NaturalGradient(CurvatureOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._unscale(grad_scaler)
         try:
             self._check_damping(self.param_groups[0]["damping"])
             active = self._active_layers()
@@ -499,7 +505,8 @@ class NaturalGradient(CurvatureOptimizer):
                 or self._finite_pairs(fisher_pairs)
             )
         )
-        data = [(layer.a, layer.e) for _, layer in active]
+        # In factor_dtype (float32 for a half-precision model; under autocast a and e differ).
+        data = [(self._captured(layer, "a"), self._captured(layer, "e")) for _, layer in active]
         if self.distributed:
             finite = self._agree(finite, int(data[0][0].shape[0]) if data else 0)
             if finite and data:
@@ -686,6 +693,13 @@ class NaturalGradient(CurvatureOptimizer):
         # A non-contiguous weight (channels_last) is updated through a reshaped copy.
         weight2 = weight.view(layer.d_out, d_w) if contiguous else weight.reshape(layer.d_out, d_w)
         factored = isinstance(direction, _Step)
+        if factored and momentum == 0 and direction.left.dtype != weight2.dtype:
+            # Half-precision parameters: the step is formed in the captures' dtype, then cast.
+            left, right_w, right_b = direction
+            direction = left.mT @ right_w
+            if right_b is not None:
+                direction = torch.cat([direction, (left.mT @ right_b)[:, None]], dim=1)
+            factored = False
         if factored:
             left, right_w, right_b = direction
         else:
