@@ -27,7 +27,7 @@ from .capture import (
 from .ekfac import EkfacState, ekfac
 from .laplace import kron_laplace_samples, laplace_samples
 from .layout import kernel_to_matrix, matrix_to_kernel
-from .linen import Conv, Dense
+from .linen import Conv, Dense, DenseGeneral, MultiHeadDotProductAttention
 from .transforms import (
     FoofState,
     KfacState,
@@ -43,12 +43,14 @@ __all__ = [
     "Captures",
     "Conv",
     "Dense",
+    "DenseGeneral",
     "EkfacState",
     "FoofState",
     "INPUTS_COLLECTION",
     "KfacState",
     "KldwrmState",
     "NaturalGradientState",
+    "MultiHeadDotProductAttention",
     "PERTURBATIONS_COLLECTION",
     "capture",
     "capture_linen",

@@ -27,6 +27,7 @@ Two ways to mark layers:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -238,10 +239,48 @@ def _as_rows(name: str, what: str, value: Array, batch: int) -> Array:
     return jnp.reshape(value, (batch, -1, value.shape[-1]))
 
 
+def _feature_rows(info: layout.LayerInfo, layer_input: Array, output_grad: Array) -> tuple:
+    """Input ``(B, ..., *in)`` (or already flat ``(B, ..., d_in)``: dense inputs, patches) and
+    output gradient ``(B, ..., *out)`` with their feature axes flattened in the order of
+    :func:`layout.kernel_to_matrix`."""
+    inputs, outputs = info.input_shape, info.output_shape
+    n_in, n_out = len(inputs), len(outputs)
+    if output_grad.ndim <= n_out or tuple(output_grad.shape[-n_out:]) != outputs:
+        raise ValueError(
+            f"layer {info.path!r}: its output has shape {tuple(output_grad.shape)}, which does "
+            f"not end in the kernel {info.kernel_shape}'s {n_out} output axes {outputs} "
+            "(B, ..., *outputs)"
+        )
+    if n_out > 1:
+        output_grad = jnp.reshape(output_grad, output_grad.shape[:-n_out] + (-1,))
+    flat = math.prod(inputs)
+    if n_in > 1 and layer_input.ndim > n_in and tuple(layer_input.shape[-n_in:]) == inputs:
+        layer_input = layout.flatten_inputs(layer_input, n_in)
+    elif int(layer_input.shape[-1]) != flat:
+        hint = ""
+        for more in range(n_out + 1, len(info.kernel_shape)):
+            # A bias-free kernel (d, heads, head_dim) reads as one output axis by default.
+            kernel_in = info.kernel_shape[:-more]
+            if tuple(layer_input.shape[-len(kernel_in) :]) == kernel_in:
+                hint = (
+                    f"; if its kernel has {more} output axes (a DenseGeneral without bias), "
+                    f"declare them: layers={{{info.path!r}: {more}, ...}} here and in the "
+                    "transformations"
+                )
+                break
+        raise ValueError(
+            f"layer {info.path!r}: its input has shape {tuple(layer_input.shape)} but the "
+            f"kernel {info.kernel_shape} with {n_out} output axes needs inputs "
+            f"(B, ..., *{inputs}) or flattened (B, ..., {flat}){hint}"
+        )
+    return layer_input, output_grad
+
+
 def _layer_capture(
     info: layout.LayerInfo, layer_input: Array, output_grad: Array, dtype: Any
 ) -> tuple[Array, Array]:
     batch = int(layer_input.shape[0])
+    layer_input, output_grad = _feature_rows(info, layer_input, output_grad)
     a = _as_rows(info.path, "its input", layer_input, batch).astype(dtype)
     e = _as_rows(info.path, "its output gradient", output_grad, batch).astype(dtype)
     if a.shape[:-1] != e.shape[:-1]:
@@ -367,9 +406,7 @@ def _capture_core(
                 f"{getattr(logits, 'shape', type(logits))}"
             )
         if fisher == "mc":
-            uniform = jax.random.uniform(
-                _device_key(key, axis_name), (batch,), dtype=logits.dtype
-            )
+            uniform = jax.random.uniform(_device_key(key, axis_name), (batch,), dtype=logits.dtype)
             labels = core_fisher.sample_labels(logits, uniform)
             errors = core_fisher.softmax_errors(logits, labels)
             fisher_captures = captures_of(backward(errors)[1])

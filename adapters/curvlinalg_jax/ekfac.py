@@ -40,16 +40,20 @@ import optax
 from curvlinalg import kron, schedule
 
 from . import layout
-from .capture import validated_captures
 from .transforms import (
+    _captured_layers,
     _check_axis_name,
     _check_decay,
+    _check_factor_dtype,
     _check_positive,
     _first_average,
+    _gradient_matrices,
+    _init_layers,
     _input_factor,
     _keep,
     _output_factor,
     _pmean,
+    _skip_non_finite,
     _zeros_like_info,
 )
 
@@ -89,6 +93,7 @@ def ekfac(
     inverse_every: int = 1,
     layers: Sequence[str] | None = None,
     axis_name: Any = None,
+    factor_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""EK-FAC: ``∇W ↦ (Q diag(S̄) Qᵀ + λI)⁻¹ ∇W`` per layer (see the module docstring).
 
@@ -98,7 +103,8 @@ def ekfac(
     recompute the eigenbases every this many steps (and restart ``S̄`` from that step's
     batch). The Fisher is that of ``captures.fisher`` (MC, empirical, or exact with ``B·C``
     rows on the ``1/B`` scale); ``A`` comes from ``captures.loss``. ``layers``,
-    ``axis_name`` as in :func:`curvlinalg_jax.foof`.
+    ``axis_name``, ``factor_dtype`` and the failure rule (a non-finite step leaves the state
+    untouched and returns zeros) as in :func:`curvlinalg_jax.foof`.
 
     ``update(updates, state, params=None, *, captures)``; returns a gradient-signed
     direction, to chain with ``optax.sgd(learning_rate)``.
@@ -108,12 +114,13 @@ def ekfac(
     update_every = _check_every("update_every", update_every)
     inverse_every = _check_every("inverse_every", inverse_every)
     _check_axis_name(axis_name)
+    factor_dtype = _check_factor_dtype(factor_dtype)
 
     def empty_eigh(info: layout.LayerInfo, size: int) -> kron.Eigh:
         return kron.Eigh(jnp.zeros((size,), info.dtype), _zeros_like_info(info, size))
 
     def init(params: Any) -> EkfacState:
-        infos = layout.find_layers(params, layers)
+        infos = _init_layers(params, layers, factor_dtype)
         return EkfacState(
             count=jnp.zeros([], jnp.int32),
             a_factors={info.path: _zeros_like_info(info, info.d_in) for info in infos},
@@ -140,14 +147,14 @@ def ekfac(
         **extra_args: Any,
     ) -> tuple[Any, EkfacState]:
         del params, extra_args
-        infos = layout.find_layers(updates, layers)
-        batch = validated_captures(captures, infos, "ekfac")
+        infos, batch = _captured_layers(updates, layers, captures, "ekfac", factor_dtype)
         updates = _pmean(updates, axis_name)
         count = state.count
         basis_due = schedule.refresh_due(count, inverse_every)
         fold_due = schedule.refresh_due(count, update_every) | basis_due
-        gradients = layout.layer_matrices(updates, infos, "updates")
-        new = {name: {} for name in EkfacState._fields if name != "count"}
+        gradients = _gradient_matrices(updates, infos)
+        # Layers without captures this step keep their state.
+        new = {name: dict(getattr(state, name)) for name in EkfacState._fields if name != "count"}
         directions = []
         for index, info in enumerate(infos):
             path = info.path
@@ -202,4 +209,4 @@ def ekfac(
         new_state = EkfacState(count=optax.safe_int32_increment(count), **new)
         return layout.replace_layers(updates, infos, directions), new_state
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return _skip_non_finite(optax.GradientTransformationExtraArgs(init, update))

@@ -15,9 +15,21 @@ step size to the rest of the chain::
 A plain dict ``{path: (a, e)}`` is accepted too and then serves as loss and Fisher captures
 (empirical Fisher). Parameters outside captured layers (and any leaf of a layer other than
 ``kernel``/``bias``) pass through unchanged, so the chained ``optax.sgd`` applies plain SGD to
-them. Everything before the preconditioner in the chain (``optax.trace`` for heavy-ball
-momentum on the raw gradient, as in Benzing's code; weight decay) acts on the gradient it
-preconditions — except with ``factored_gradient=True``, see :func:`foof`.
+them. That holds for LayerNorm scales, ``nn.Embed`` tables and, without ``layers=``, for
+layers with a ``kernel`` that are not captured this step (a plain ``nn.Dense``: it keeps its
+zero state). Transformers therefore train with either of (``labels`` marks the leaves of
+captured layers)::
+
+    optax.chain(curvlinalg_jax.kfac(damping), optax.adamw(learning_rate))  # AdamW after
+    optax.multi_transform(                                # or K-FAC + SGD / AdamW by label
+        {"kfac": optax.chain(curvlinalg_jax.kfac(damping), optax.sgd(lr)),
+         "adam": optax.adamw(lr_adam)}, labels)
+
+``multi_transform`` hands the K-FAC branch only its leaves; ``captures`` reach it through
+``optax.chain``/``multi_transform``'s extra arguments. Everything before the preconditioner
+in the chain (``optax.trace`` for heavy-ball momentum on the raw gradient, as in Benzing's
+code; weight decay) acts on the gradient it preconditions — except with
+``factored_gradient=True``, see :func:`foof`.
 
 Factors (those of ``curvlinalg_torch`` too): ``A = Σ_{i,t} a_it a_itᵀ / B``
 (``kron.input_factor``: the ``T`` positions of a convolution or sequence summed, the ``B``
@@ -43,12 +55,27 @@ Kronecker factors with ``pmean`` and, for the natural gradient, the Fisher captu
 gathered with ``jax.lax.all_gather`` so that the Gram is that of the whole batch. ``N``
 devices with ``B`` examples each then compute what one device computes on all ``N·B``.
 
+Mixed precision: ``factor_dtype`` (float32 or float64) is the dtype of the factors, their
+inverses or eigendecompositions and the solves; by default the parameters' dtype, promoted to
+float32 for bfloat16/float16 parameters (the core factorises in single precision at least).
+Captures and gradients are cast to it, the directions back to the incoming updates' dtype.
+
+Failure rule (as in ``curvlinalg_torch``): a step either completes or changes nothing. If the
+incoming updates, the captures, the new state (a factor that overflows, a Cholesky or
+``eigh`` that gives NaN under ``jit``) or the directions hold a NaN or an infinity, the
+transformation returns its old state bit for bit (``count`` included) and **zero** updates for
+every leaf (a skipped step, not an error: under ``jit`` there is nothing to raise). A
+following ``optax.sgd`` then moves nothing; a following ``optax.adamw`` still applies its
+weight decay and decays its moments by the zero step, so wrap the whole chain in
+``optax.apply_if_finite`` (which sees finite zero updates) only to count skipped steps, or
+check the loss yourself. One trace serves both outcomes (``jnp.where``).
+
 All formulas are ``curvlinalg``'s, called on JAX arrays.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -172,13 +199,15 @@ def _begin_step(
     axis_name: Any,
     period: int,
     window: int,
+    factor_dtype: Any = None,
 ) -> _StepStart:
     """What the update of every factor-averaging transformation starts with: the captured
     layers of ``updates``, their validated ``captures``, the updates averaged over
     ``axis_name``, the step count, and whether this step folds its captures into the factor
-    averages (``accumulate``) and refreshes the preconditioners (``refresh``)."""
-    infos = layout.find_layers(updates, layers)
-    batch = validated_captures(captures, infos, name)
+    averages (``accumulate``) and refreshes the preconditioners (``refresh``). Layers and
+    captures are in the factor dtype (:func:`_captured_layers`)."""
+    infos, batch = _captured_layers(updates, layers, captures, name, factor_dtype)
+
     return _StepStart(
         infos,
         batch,
@@ -187,6 +216,137 @@ def _begin_step(
         schedule.accumulate_due(count, period, window),
         schedule.refresh_due(count, period),
     )
+
+
+def _check_factor_dtype(factor_dtype: Any) -> Any:
+    """``None`` (resolved from the parameters, :func:`_with_factor_dtype`) or float32/float64:
+    the factors are factorised (Cholesky, ``eigh``), which the core refuses in half precision."""
+    if factor_dtype is None:
+        return None
+    try:
+        dtype = jnp.dtype(factor_dtype)
+    except TypeError as exc:
+        raise ValueError(f"factor_dtype must be a dtype or None; got {factor_dtype!r}") from exc
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        raise ValueError(
+            f"factor_dtype must be float32 or float64 (the factors are factorised, which needs "
+            f"at least single precision) or None; got {factor_dtype!r}"
+        )
+    return dtype
+
+
+def _with_factor_dtype(
+    infos: Sequence[layout.LayerInfo], factor_dtype: Any
+) -> tuple[layout.LayerInfo, ...]:
+    """``infos`` with ``dtype`` the dtype of the factors, state and solves: ``factor_dtype``,
+    or by default the parameters' common dtype, promoted to float32 when it is half precision
+    (bfloat16/float16 parameters keep float32 factors; the directions are cast back to the
+    dtype of the incoming updates by ``layout.replace_layers``)."""
+    if factor_dtype is None:
+        common = jnp.dtype(jnp.result_type(*(info.dtype for info in infos)))
+        if not jnp.issubdtype(common, jnp.floating) or jnp.finfo(common).bits < 32:
+            common = jnp.dtype(jnp.float32)
+        factor_dtype = common
+    return tuple(info._replace(dtype=jnp.dtype(factor_dtype)) for info in infos)
+
+
+def _init_layers(params: Any, layers: Any, factor_dtype: Any) -> tuple[layout.LayerInfo, ...]:
+    """The layers that get state at ``init``: every layer of ``params`` (or ``layers``)."""
+    return _with_factor_dtype(layout.find_layers(params, layers), factor_dtype)
+
+
+def _captured_layers(
+    tree: Any, layers: Any, captures: Any, who: str, factor_dtype: Any
+) -> tuple[tuple[layout.LayerInfo, ...], Captures]:
+    """The layers of ``tree`` preconditioned this step and their validated captures, cast to
+    the factor dtype.
+
+    Without ``layers``: the layers of ``tree`` that ``captures`` hold; the others (a plain
+    ``nn.Dense`` among ``curvlinalg_jax.Dense`` layers) pass through untouched and keep their
+    state. With ``layers``: all of them, each must be captured. The factor dtype is resolved
+    from every layer of ``tree`` (as at ``init``), not only the captured ones.
+    """
+    every = _with_factor_dtype(layout.find_layers(tree, layers), factor_dtype)
+    infos = every
+    if layers is None and isinstance(captures, (Captures, Mapping)):
+        table = captures.loss if isinstance(captures, Captures) else captures
+        infos = tuple(info for info in every if info.path in table)
+        if not infos:
+            raise ValueError(
+                f"{who}: captures hold none of the layers of updates (captures have "
+                f"{sorted(table)}, updates' layers are {[info.path for info in every]}); "
+                "capture the preconditioned layers (curvlinalg_jax.Dense/Conv) or pass layers=..."
+            )
+    batch = validated_captures(captures, infos, who)
+    dtype = infos[0].dtype
+    paths = {info.path for info in infos}
+
+    def cast(table: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            path: tuple(
+                value.astype(dtype)
+                if path in paths and jnp.issubdtype(value.dtype, jnp.floating)
+                else value
+                for value in pair
+            )
+            for path, pair in table.items()
+        }
+
+    return infos, batch._replace(loss=cast(batch.loss), fisher=cast(batch.fisher))
+
+
+def _gradient_matrices(updates: Any, infos: Sequence[layout.LayerInfo]) -> list[Array]:
+    """Each layer's ``(d_out, d_in)`` gradient matrix in the factor dtype."""
+    return [
+        matrix.astype(info.dtype)
+        for matrix, info in zip(layout.layer_matrices(updates, infos, "updates"), infos)
+    ]
+
+
+def _all_finite(tree: Any) -> Array:
+    """One boolean: every floating leaf of ``tree`` is finite (other leaves are ignored)."""
+    checks = [
+        jnp.all(jnp.isfinite(leaf))
+        for leaf in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def _skip_non_finite(
+    transformation: optax.GradientTransformationExtraArgs,
+) -> optax.GradientTransformationExtraArgs:
+    """The failure rule of every transformation here, as in ``curvlinalg_torch``: a step
+    either completes or leaves the state exactly as it was.
+
+    If anything the step reads or makes is not finite — the incoming ``updates``, the
+    ``captures``, the new state (factors, inverses, eigendecompositions: a factor whose
+    ``aᵀa`` overflows, a Cholesky that fails under ``jit``) or the directions — the old state
+    is returned bit for bit (``count`` included, so ``state.count`` counts completed steps and
+    the refresh schedule resumes where it stopped) and every update leaf is zero, so the
+    step moves nothing through ``optax.sgd`` (a momentum buffer after the preconditioner
+    still decays). Selected with ``jnp.where``, one trace serves both outcomes.
+    """
+
+    def update(
+        updates: Any, state: Any, params: Any = None, *, captures: Any = None, **extra_args: Any
+    ) -> tuple[Any, Any]:
+        new_updates, new_state = transformation.update(
+            updates, state, params, captures=captures, **extra_args
+        )
+        ok = (
+            _all_finite(updates)
+            & _all_finite(captures)
+            & _all_finite(new_state)
+            & _all_finite(new_updates)
+        )
+        kept = jax.tree_util.tree_map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+        zeroed = jax.tree_util.tree_map(
+            lambda new: jnp.where(ok, new, jnp.zeros_like(new)), new_updates
+        )
+        return zeroed, kept
+
+    return optax.GradientTransformationExtraArgs(transformation.init, update)
 
 
 def _zeros_like_info(info: layout.LayerInfo, size: int) -> Array:
@@ -224,6 +384,7 @@ def foof(
     factored_gradient: bool = False,
     layers: Sequence[str] | None = None,
     axis_name: Any = None,
+    factor_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""FOOF, gradient descent on neurons (Benzing 2022): ``∇W ↦ ∇W (A + λI)⁻¹`` per layer.
 
@@ -245,6 +406,15 @@ def foof(
     that loss — put the transformation first in the chain; what came before it is ignored
     for those layers.
 
+    ``layers``: the layer paths to precondition, each must be captured; by default every
+    layer of ``params`` gets state and those present in ``captures`` are preconditioned, the
+    others pass through untouched (see the module docstring for ``optax.multi_transform``).
+    ``factor_dtype``: dtype of the factors, inverses and solves, float32 or float64; by
+    default the parameters' dtype, float32 for bfloat16/float16 parameters. Captures and
+    gradients are cast to it and the directions back to the dtype of the incoming updates.
+    A step with anything non-finite is skipped: state untouched, zero updates (module
+    docstring, "Failure rule").
+
     ``update(updates, state, params=None, *, captures)``; returns a gradient-signed
     direction, to chain with ``optax.sgd(learning_rate)``.
     """
@@ -252,9 +422,10 @@ def foof(
     decay = _check_decay("decay", decay)
     window = _check_schedule(period, window)
     _check_axis_name(axis_name)
+    factor_dtype = _check_factor_dtype(factor_dtype)
 
     def init(params: Any) -> FoofState:
-        infos = layout.find_layers(params, layers)
+        infos = _init_layers(params, layers, factor_dtype)
         zeros = {info.path: _zeros_like_info(info, info.d_in) for info in infos}
         return FoofState(jnp.zeros([], jnp.int32), zeros, dict(zeros))
 
@@ -268,10 +439,11 @@ def foof(
     ) -> tuple[Any, FoofState]:
         del params, extra_args
         infos, batch, updates, count, accumulate, refresh = _begin_step(
-            "foof", updates, state.count, captures, layers, axis_name, period, window
+            "foof", updates, state.count, captures, layers, axis_name, period, window, factor_dtype
         )
-        gradients = None if factored_gradient else layout.layer_matrices(updates, infos, "updates")
-        factors, inverses, directions = {}, {}, []
+        gradients = None if factored_gradient else _gradient_matrices(updates, infos)
+        # Layers without captures this step keep their state.
+        factors, inverses, directions = dict(state.a_factors), dict(state.a_inverses), []
         for index, info in enumerate(infos):
             a, e = batch.loss[info.path]
             rate = _first_average(count, decay, info.dtype)
@@ -297,7 +469,7 @@ def foof(
         new_state = FoofState(optax.safe_int32_increment(count), factors, inverses)
         return layout.replace_layers(updates, infos, directions), new_state
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return _skip_non_finite(optax.GradientTransformationExtraArgs(init, update))
 
 
 # --------------------------------------------------------------------------------------
@@ -334,6 +506,7 @@ def kfac(
     factored_gradient: bool = False,
     layers: Sequence[str] | None = None,
     axis_name: Any = None,
+    factor_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""K-FAC (Martens & Grosse 2015): ``∇W ↦ (A⊗G + damping)⁻¹ ∇W`` per layer.
 
@@ -346,8 +519,8 @@ def kfac(
     (``kron.split_damping``; Benzing's "heuristic damping"). ``"exact"``: ``mat((A⊗G +
     λI)⁻¹ vec ∇W)`` in the Kronecker eigenbasis (``kron.eigh``, ``kron.eigen_solve``).
 
-    ``decay``, ``period``, ``window``, ``layers``, ``axis_name`` as in :func:`foof`;
-    ``factored_gradient`` too (``"factored"`` damping only): then
+    ``decay``, ``period``, ``window``, ``layers``, ``axis_name``, ``factor_dtype`` and the
+    failure rule as in :func:`foof`; ``factored_gradient`` too (``"factored"`` damping only): then
     ``kron.precondition_factored(a, e, A⁻¹_λ, G⁻¹_λ)`` on ``captures.loss``. Returns a
     gradient-signed direction; chain with ``optax.sgd(learning_rate)``.
     """
@@ -355,6 +528,7 @@ def kfac(
     decay = _check_decay("decay", decay)
     window = _check_schedule(period, window)
     _check_axis_name(axis_name)
+    factor_dtype = _check_factor_dtype(factor_dtype)
     if damping_mode not in DAMPING_MODES:
         raise ValueError(f"damping_mode must be one of {DAMPING_MODES}; got {damping_mode!r}")
     if factored_gradient and damping_mode != "factored":
@@ -366,7 +540,7 @@ def kfac(
         return _zeros_like_info(info, size)
 
     def init(params: Any) -> KfacState:
-        infos = layout.find_layers(params, layers)
+        infos = _init_layers(params, layers, factor_dtype)
         return KfacState(
             jnp.zeros([], jnp.int32),
             {info.path: _zeros_like_info(info, info.d_in) for info in infos},
@@ -395,10 +569,13 @@ def kfac(
     ) -> tuple[Any, KfacState]:
         del params, extra_args
         infos, batch, updates, count, accumulate, refresh = _begin_step(
-            "kfac", updates, state.count, captures, layers, axis_name, period, window
+            "kfac", updates, state.count, captures, layers, axis_name, period, window, factor_dtype
         )
-        gradients = None if factored_gradient else layout.layer_matrices(updates, infos, "updates")
-        a_factors, g_factors, a_pre, g_pre, directions = {}, {}, {}, {}, []
+        gradients = None if factored_gradient else _gradient_matrices(updates, infos)
+        # Layers without captures this step keep their state.
+        a_factors, g_factors = dict(state.a_factors), dict(state.g_factors)
+        a_pre, g_pre = dict(state.a_preconditioners), dict(state.g_preconditioners)
+        directions = []
         for index, info in enumerate(infos):
             a, e = batch.loss[info.path]
             e_fisher = batch.fisher[info.path][1]
@@ -438,7 +615,7 @@ def kfac(
         new_state = KfacState(optax.safe_int32_increment(count), a_factors, g_factors, a_pre, g_pre)
         return layout.replace_layers(updates, infos, directions), new_state
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return _skip_non_finite(optax.GradientTransformationExtraArgs(init, update))
 
 
 # --------------------------------------------------------------------------------------
@@ -466,6 +643,7 @@ def natural_gradient(
     fisher_like: Captures | None = None,
     layers: Sequence[str] | None = None,
     axis_name: Any = None,
+    factor_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Exact damped natural gradient with the subsampled Fisher (Benzing 2022, App. E):
     ``u ↦ (λI + F)⁻¹ u`` with ``F = (1/B)·G Gᵀ`` over all captured layers jointly.
@@ -483,11 +661,13 @@ def natural_gradient(
     whole batch over all devices). ``u`` is the incoming update: a gradient of an independent
     batch is the intended use (the solve loses digits in float32 when ``u`` lies in the span
     of ``G`` and ``‖G‖²/(Bλ)`` is large, see ``woodbury.solve``). Chain with
-    ``optax.sgd(learning_rate)``.
+    ``optax.sgd(learning_rate)``. ``layers``, ``axis_name``, ``factor_dtype`` and the failure
+    rule as in :func:`foof` (without ``layers``, the layers of ``fisher_like`` are kept).
     """
     damping = _check_positive("damping", damping)
     _check_schedule(period, None)
     _check_axis_name(axis_name)
+    factor_dtype = _check_factor_dtype(factor_dtype)
     if period > 1 and fisher_like is None:
         raise ValueError(
             "natural_gradient with period > 1 keeps the Fisher of the last refresh in its state "
@@ -510,8 +690,9 @@ def natural_gradient(
         count = jnp.zeros([], jnp.int32)
         if period == 1:
             return NaturalGradientState(count, None)
-        infos = layout.find_layers(params, layers)
-        like = validated_captures(fisher_like, infos, "natural_gradient (fisher_like)")
+        infos, like = _captured_layers(
+            params, layers, fisher_like, "natural_gradient (fisher_like)", factor_dtype
+        )
         shapes = jax.eval_shape(
             lambda c: factorize(fisher_list(c, infos), infos[0].dtype, c.batch_size), like
         )
@@ -527,8 +708,7 @@ def natural_gradient(
         **extra_args: Any,
     ) -> tuple[Any, NaturalGradientState]:
         del params, extra_args
-        infos = layout.find_layers(updates, layers)
-        batch = validated_captures(captures, infos, "natural_gradient")
+        infos, batch = _captured_layers(updates, layers, captures, "natural_gradient", factor_dtype)
         updates = _pmean(updates, axis_name)
         whole_batch = batch.batch_size * _devices(axis_name)
         rows = _gather(fisher_list(batch, infos), axis_name)
@@ -542,7 +722,7 @@ def natural_gradient(
             refresh = schedule.refresh_due(state.count, period)
             fisher = jax.lax.cond(refresh, build, lambda: state.fisher)
             kept = fisher
-        gradients = layout.layer_matrices(updates, infos, "updates")
+        gradients = _gradient_matrices(updates, infos)
         if block_diagonal:
             directions = woodbury.solve_layers(fisher, gradients, check_finite=False)
         else:
@@ -550,7 +730,7 @@ def natural_gradient(
         new_state = NaturalGradientState(optax.safe_int32_increment(state.count), kept)
         return layout.replace_layers(updates, infos, directions), new_state
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return _skip_non_finite(optax.GradientTransformationExtraArgs(init, update))
 
 
 # --------------------------------------------------------------------------------------
@@ -598,6 +778,7 @@ def kldwrm(
     q_solver: str = "exact",
     layers: Sequence[str] | None = None,
     axis_name: Any = None,
+    factor_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SO- and Q-KLD-WRM (Puiu 2022) with Kronecker-factored Fisher blocks.
 
@@ -621,6 +802,7 @@ def kldwrm(
     ``captures.fisher`` output factors; ``μ = damping``. ``period``/``window`` amortise as in
     :func:`foof` (``F̄``, ``B`` and their decompositions are refreshed every ``period`` steps;
     the Q solve itself runs every step, as ``λ`` may change). QE-KLD-WRM is not provided.
+    ``layers``, ``axis_name``, ``factor_dtype`` and the failure rule as in :func:`foof`.
     """
     if not callable(learning_rate):
         _check_positive("learning_rate", learning_rate)
@@ -628,6 +810,7 @@ def kldwrm(
     decay = _check_decay("decay", decay)
     window = _check_schedule(period, window)
     _check_axis_name(axis_name)
+    factor_dtype = _check_factor_dtype(factor_dtype)
     if variant not in KLDWRM_VARIANTS:
         raise ValueError(
             f"variant must be one of {KLDWRM_VARIANTS} (QE-KLD-WRM is not provided); "
@@ -641,7 +824,7 @@ def kldwrm(
         return jnp.asarray(value, dtype)
 
     def init(params: Any) -> KldwrmState:
-        infos = layout.find_layers(params, layers)
+        infos = _init_layers(params, layers, factor_dtype)
 
         def square(which: str) -> dict[str, Array]:
             return {
@@ -685,14 +868,27 @@ def kldwrm(
     ) -> tuple[Any, KldwrmState]:
         del params, extra_args
         infos, batch, updates, count, accumulate, refresh = _begin_step(
-            "kldwrm", updates, state.count, captures, layers, axis_name, period, window
+            "kldwrm",
+            updates,
+            state.count,
+            captures,
+            layers,
+            axis_name,
+            period,
+            window,
+            factor_dtype,
         )
         dtype = infos[0].dtype
         lam = 1 / rate_at(count, dtype)
         # At step 0 the previous gradients are zero, so λ_{−1} only needs to be positive.
         lam_prev = jnp.where(count == 0, lam, state.lam_prev.astype(dtype))
-        gradients = layout.layer_matrices(updates, infos, "updates")
-        new = {name: {} for name in KldwrmState._fields if name not in ("count", "lam_prev")}
+        gradients = _gradient_matrices(updates, infos)
+        # Layers without captures this step keep their state.
+        new = {
+            name: dict(getattr(state, name))
+            for name in KldwrmState._fields
+            if name not in ("count", "lam_prev")
+        }
         directions = []
         for index, info in enumerate(infos):
             path = info.path
@@ -778,4 +974,4 @@ def kldwrm(
         new_state = KldwrmState(count=optax.safe_int32_increment(count), lam_prev=lam, **new)
         return layout.replace_layers(updates, infos, directions), new_state
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return _skip_non_finite(optax.GradientTransformationExtraArgs(init, update))

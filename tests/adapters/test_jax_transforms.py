@@ -326,8 +326,10 @@ def test_errors_name_the_argument(problem):
     partial = cj.Captures(
         loss={"Dense_0": captures.loss["Dense_0"]}, fisher={"Dense_0": captures.fisher["Dense_0"]}
     )
+    # Named layers must all be captured (without layers=, uncaptured ones pass through).
+    tx = cj.foof(1.0, layers=LAYERS)
     with pytest.raises(ValueError, match="no entry for layer 'Conv_0'"):
-        tx.update(grads, state, params, captures=partial)
+        tx.update(grads, tx.init(params), params, captures=partial)
 
 
 @pytest.mark.parametrize(
