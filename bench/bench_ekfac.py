@@ -33,7 +33,7 @@ buffers to it; BLAS work buffers are not included), inputs excluded, result incl
 
 Usage::
 
-    python bench/bench_ekfac.py                 # full run (about 10 minutes on 2 cores)
+    python bench/bench_ekfac.py                 # full run (3-4 minutes, 1 thread)
     python bench/bench_ekfac.py --quick         # smoke run (seconds)
     python bench/bench_ekfac.py --json out.json
 """
