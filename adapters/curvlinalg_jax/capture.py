@@ -68,13 +68,23 @@ class Captures(NamedTuple):
     the same as ``loss`` for the empirical Fisher, ``ẽ`` for labels sampled from the model
     (MC), or ``B·C`` rows — every class ``c`` weighted by ``√p_c``, inputs repeated ``C``
     times — for the exact Fisher. ``B`` is always ``loss``'s batch size, so the Fisher's
-    scale is ``1/B`` also when ``fisher`` has ``B·C`` rows.
+    scale is ``1/B`` also when ``fisher`` has ``B·C`` rows. For sequence logits ``(B, T, C)``
+    the exact Fisher has ``B·T·C`` rows (one per target position and class, inputs repeated
+    ``T·C`` times).
+
+    ``mask``: ``None`` or the boolean ``(B, T)`` position mask given to the capture
+    (``position_mask``; ``True`` = the position counts). The rows of masked positions are
+    zero in ``loss`` and ``fisher`` for every layer whose captures are ``(B, T, d)`` with
+    that ``T``; the transformations then form ``A = Σ_{i,t} m_it a_it a_itᵀ / B_eff``
+    (``B_eff`` the sequences with a kept position) and ``G`` as the mean over kept positions,
+    so masked positions contribute nothing, as if deleted from the batch.
 
     A pytree: pass it through ``jax.jit`` and to a transformation's ``update``.
     """
 
     loss: LayerCaptures
     fisher: LayerCaptures
+    mask: Array | None = None
 
     @property
     def batch_size(self) -> int:
@@ -150,7 +160,30 @@ def validated_captures(captures: Any, infos: Sequence[layout.LayerInfo], who: st
                 )
         if field == "loss":
             batch = rows
+    mask = result.mask
+    if mask is not None:
+        if (
+            getattr(mask, "dtype", None) != jnp.bool_
+            or mask.ndim != 2
+            or int(mask.shape[0]) != batch
+        ):
+            raise ValueError(
+                f"{who}: captures.mask must be a boolean (B={batch}, T) position mask; got "
+                f"{getattr(mask, 'dtype', type(mask).__name__)} "
+                f"{tuple(getattr(mask, 'shape', ()))}"
+            )
     return result
+
+
+def layer_mask(captures: Captures, rows: Array) -> Array | None:
+    """The mask of one layer's capture ``rows`` (``a`` or ``e``, ``(N, T, d)``): ``None``
+    without a mask or for captures without those positions, else ``captures.mask``
+    ``(B, T)`` repeated ``N/B`` times along the rows (the exact Fisher's ``B·T·C`` rows)."""
+    mask = captures.mask
+    if mask is None or rows.ndim != 3 or int(rows.shape[1]) != int(mask.shape[1]):
+        return None
+    repeat = int(rows.shape[0]) // int(mask.shape[0])
+    return mask if repeat == 1 else jnp.repeat(mask, repeat, axis=0)
 
 
 def identity_tap(name: str, layer_input: Array, layer_output: Array) -> Array:
@@ -342,9 +375,18 @@ def _capture_core(
     key: Array | None,
     layers: Sequence[str] | None,
     axis_name: Any,
+    position_mask: Array | None = None,
 ) -> tuple[Array, Any, Captures]:
     if fisher not in FISHER_TYPES:
         raise ValueError(f"fisher must be one of {FISHER_TYPES}; got {fisher!r}")
+    if position_mask is not None and (
+        getattr(position_mask, "dtype", None) != jnp.bool_ or position_mask.ndim != 2
+    ):
+        raise ValueError(
+            "position_mask must be a boolean (B, T) array (True = the position counts); got "
+            f"{getattr(position_mask, 'dtype', type(position_mask).__name__)} "
+            f"{tuple(getattr(position_mask, 'shape', ()))}"
+        )
     if fisher == "mc" and key is None:
         raise ValueError("fisher='mc' samples labels and needs key (a jax.random key)")
     every_layer = {info.path: info for info in layout.find_layers(params)}
@@ -384,15 +426,24 @@ def _capture_core(
     summed_grads, output_grads = backward(output_cotangent)
     grads = jax.tree_util.tree_map(lambda g: g / batch, summed_grads)
 
+    if position_mask is not None and tuple(position_mask.shape[:1]) != (batch,):
+        raise ValueError(
+            f"position_mask has shape {tuple(position_mask.shape)} but the batch has B={batch} "
+            "examples; it must be (B, T)"
+        )
+
     def captures_of(grads_by_layer: Mapping[str, Array], repeat: int = 1) -> LayerCaptures:
         result = {}
         for info in infos:
             layer_input = layer_inputs[info.path]
             if repeat > 1:
                 layer_input = jnp.repeat(layer_input, repeat, axis=0)
-            result[info.path] = _layer_capture(
-                info, layer_input, grads_by_layer[info.path], info.dtype
-            )
+            a, e = _layer_capture(info, layer_input, grads_by_layer[info.path], info.dtype)
+            if position_mask is not None and a.ndim == 3 and a.shape[1] == position_mask.shape[1]:
+                keep = jnp.repeat(position_mask, repeat, axis=0)[..., None]
+                # Masked positions contribute nothing, whatever they hold (padding).
+                a, e = jnp.where(keep, a, 0), jnp.where(keep, e, 0)
+            result[info.path] = (a, e)
         return result
 
     loss_captures = captures_of(output_grads)
@@ -400,32 +451,54 @@ def _capture_core(
         fisher_captures = loss_captures
     else:
         logits = outputs
-        if not hasattr(logits, "ndim") or logits.ndim != 2:
+        if not hasattr(logits, "ndim") or logits.ndim not in (2, 3):
             raise ValueError(
-                f"fisher={fisher!r} needs the model output to be logits (B, C); got "
-                f"{getattr(logits, 'shape', type(logits))}"
+                f"fisher={fisher!r} needs the model output to be logits (B, C) or sequence "
+                f"logits (B, T, C); got {getattr(logits, 'shape', type(logits))}"
             )
+        fisher_mask = None
+        if position_mask is not None:
+            if logits.ndim != 3 or tuple(position_mask.shape) != tuple(logits.shape[:2]):
+                raise ValueError(
+                    f"position_mask has shape {tuple(position_mask.shape)} but fisher="
+                    f"{fisher!r} needs it to match the sequence logits' (B, T) = "
+                    f"{tuple(logits.shape[:2])}"
+                )
+            fisher_mask = position_mask
         if fisher == "mc":
-            uniform = jax.random.uniform(_device_key(key, axis_name), (batch,), dtype=logits.dtype)
-            labels = core_fisher.sample_labels(logits, uniform)
-            errors = core_fisher.softmax_errors(logits, labels)
+            uniform = jax.random.uniform(
+                _device_key(key, axis_name), logits.shape[:-1], dtype=logits.dtype
+            )
+            labels = core_fisher.sample_labels(logits, uniform, fisher_mask)
+            errors = core_fisher.softmax_errors(logits, labels, fisher_mask)
             fisher_captures = captures_of(backward(errors)[1])
         else:
-            rows = core_fisher.softmax_exact_errors(logits)  # (B, C, C): [i, c] = √p_ic (p_i − e_c)
-            classes = int(logits.shape[1])
-            per_class = jax.vmap(lambda cotangent: backward(cotangent)[1], in_axes=1)(rows)
-            # (C, B, ...) → (B, C, ...) → (B·C, ...): example i's C rows are contiguous,
+            # (B, C, C) [i, c] = √p_ic (p_i − e_c); (B, T, C, C) for sequences.
+            rows = core_fisher.softmax_exact_errors(logits, fisher_mask)
+            if logits.ndim == 3:
+                # One cotangent per target position s and class c, zero at the other
+                # positions: [s, c, i, t] = δ_st rows[i, t, c] (the positions' Fishers add
+                # up, without cross terms between positions).
+                steps = int(logits.shape[1])
+                delta = jnp.eye(steps, dtype=rows.dtype)
+                cotangents = jnp.einsum("st,itcd->scitd", delta, rows)
+                rows = jnp.reshape(cotangents, (-1,) + logits.shape)
+                per_row = jax.vmap(lambda cotangent: backward(cotangent)[1])(rows)
+            else:
+                per_row = jax.vmap(lambda cotangent: backward(cotangent)[1], in_axes=1)(rows)
+            repeat = int(next(iter(per_row.values())).shape[0])
+            # (R, B, ...) → (B, R, ...) → (B·R, ...): example i's R rows are contiguous,
             # matching jnp.repeat of its inputs.
             stacked = {
-                name: jnp.reshape(jnp.moveaxis(value, 0, 1), (batch * classes,) + value.shape[2:])
-                for name, value in per_class.items()
+                name: jnp.reshape(jnp.moveaxis(value, 0, 1), (batch * repeat,) + value.shape[2:])
+                for name, value in per_row.items()
             }
-            fisher_captures = captures_of(stacked, repeat=classes)
+            fisher_captures = captures_of(stacked, repeat=repeat)
     loss = jnp.mean(losses)
     if axis_name is not None:
         # Equal per-device batches: the mean over devices is the whole batch's mean.
         loss, grads = jax.lax.pmean((loss, grads), axis_name)
-    return loss, grads, Captures(loss=loss_captures, fisher=fisher_captures)
+    return loss, grads, Captures(loss_captures, fisher_captures, position_mask)
 
 
 class _Recorder:
@@ -462,6 +535,7 @@ def capture(
     key: Array | None = None,
     layers: Sequence[str] | None = None,
     axis_name: Any = None,
+    position_mask: Array | None = None,
 ) -> tuple[Array, Any, Captures]:
     r"""``(loss, grads, captures)`` of a plain functional model.
 
@@ -489,6 +563,19 @@ def capture(
     are independent, and one device on the whole batch computes the same Fisher when given
     the devices' labels.
 
+    Sequence models: the output may be logits ``(B, T, C)`` with per-token losses; the
+    per-example loss is then the sum of the sequence's token losses
+    (``curvlinalg.fisher``'s convention, ``scale = 1/B``). ``"mc"`` samples a label per
+    position; ``"exact"`` gives ``B·T·C`` Fisher rows (``T·C`` backward passes, vectorised:
+    memory ``T·C`` times that of one — for small models and tests; use ``"mc"`` at scale).
+    ``position_mask``: a boolean ``(B, T)`` mask (``True`` = the position counts; padding,
+    ``ignore_index``). Its masked positions get no sampled label and no exact-Fisher rows,
+    their rows of every ``(B, T, d)`` capture are zeroed, and ``captures.mask`` carries it to
+    the transformations (:class:`Captures`). ``loss_fn`` must ignore those positions itself
+    (e.g. ``jnp.sum(mask * token_losses, axis=1)``), and they must not influence the kept
+    positions (trailing padding behind a causal mask, or masked attention keys), so that
+    the captures agree with ``grads``.
+
     Works under ``jax.jit`` (``forward``, ``loss_fn``, ``fisher`` and ``layers`` static).
     """
     shapes = _Recorder(None)
@@ -500,7 +587,16 @@ def capture(
         return outputs, recorder.inputs
 
     return _capture_core(
-        run, params, shapes.outputs, loss_fn, targets, fisher, key, layers, axis_name
+        run,
+        params,
+        shapes.outputs,
+        loss_fn,
+        targets,
+        fisher,
+        key,
+        layers,
+        axis_name,
+        position_mask,
     )
 
 
@@ -515,6 +611,7 @@ def capture_linen(
     key: Array | None = None,
     layers: Sequence[str] | None = None,
     axis_name: Any = None,
+    position_mask: Array | None = None,
     variables: Mapping[str, Any] | None = None,
     **apply_kwargs: Any,
 ) -> tuple[Array, Any, Captures]:
@@ -527,9 +624,9 @@ def capture_linen(
     ``loss_fn(outputs, targets)`` ``(B,)``. ``params`` is the ``"params"`` collection;
     ``grads`` has its structure and is the gradient of the mean loss. Captures are keyed by
     the layer's path in ``params`` (``"Dense_0"``, ``"Block_0/Conv_0"``). ``fisher``,
-    ``key``, ``layers`` and ``axis_name`` as in :func:`capture`. ``variables``: other, non-mutated
-    collections (e.g. ``batch_stats`` in evaluation mode); ``apply_kwargs`` go to
-    ``model.apply`` (e.g. ``rngs``). Works under ``jax.jit``.
+    ``key``, ``layers``, ``axis_name`` and ``position_mask`` as in :func:`capture`.
+    ``variables``: other, non-mutated collections (e.g. ``batch_stats`` in evaluation
+    mode); ``apply_kwargs`` go to ``model.apply`` (e.g. ``rngs``). Works under ``jax.jit``.
     """
     others = dict(variables or {})
     for reserved in ("params", INPUTS_COLLECTION, PERTURBATIONS_COLLECTION):
@@ -563,7 +660,9 @@ def capture_linen(
             layer_inputs[name] = values[0]
         return outputs, layer_inputs
 
-    return _capture_core(run, params, shapes, loss_fn, targets, fisher, key, layers, axis_name)
+    return _capture_core(
+        run, params, shapes, loss_fn, targets, fisher, key, layers, axis_name, position_mask
+    )
 
 
 def _by_layer(tree: Any, leaf_name: str) -> dict[str, Any]:

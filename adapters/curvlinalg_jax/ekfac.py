@@ -165,8 +165,8 @@ def ekfac(
             def average(
                 old: tuple[Array, Array], a: Array = a, e_fisher: Array = e_fisher, rate=rate
             ) -> tuple[Array, Array]:
-                new_a = _input_factor(a, axis_name)
-                new_g = _output_factor(e_fisher, batch.batch_size, axis_name)
+                new_a = _input_factor(a, axis_name, batch)
+                new_g = _output_factor(e_fisher, batch.batch_size, axis_name, batch)
                 return kron.ema(old[0], new_a, rate), kron.ema(old[1], new_g, rate)
 
             factors = jax.lax.cond(
@@ -209,4 +209,4 @@ def ekfac(
         new_state = EkfacState(count=optax.safe_int32_increment(count), **new)
         return layout.replace_layers(updates, infos, directions), new_state
 
-    return _skip_non_finite(optax.GradientTransformationExtraArgs(init, update))
+    return _skip_non_finite(optax.GradientTransformationExtraArgs(init, update), axis_name)

@@ -85,7 +85,7 @@ import optax
 from curvlinalg import kron, schedule, wake, woodbury
 
 from . import layout
-from .capture import Captures, validated_captures
+from .capture import Captures, layer_mask, validated_captures
 
 Array = Any
 
@@ -164,18 +164,32 @@ def _first_average(count: Array, decay: float, dtype: Any) -> Array:
     return jnp.where(count == 0, jnp.zeros([], dtype), jnp.asarray(decay, dtype))
 
 
-def _input_factor(a: Array, axis_name: Any) -> Array:
+def _input_factor(a: Array, axis_name: Any, captures: Any = None) -> Array:
     """``A = Σ_{i,t} a_it a_itᵀ / B`` of the whole batch (over devices too): positions summed,
-    examples averaged (``kron.input_factor``, KFC's scale, as in ``curvlinalg_torch``)."""
-    return _pmean(kron.input_factor(a, check_finite=False), axis_name)
+    examples averaged (``kron.input_factor``, KFC's scale, as in ``curvlinalg_torch``); with
+    ``captures.mask`` (masked rows already zero), the kept positions over ``B_eff``, the
+    sequences with a kept position (0 kept gives 0, not NaN)."""
+    factor = kron.input_factor(a, check_finite=False)
+    mask = None if captures is None else layer_mask(captures, a)
+    if mask is not None:
+        # The capture zeroed the masked rows: rescale the 1/B mean to 1/B_eff.
+        kept = jnp.sum(jnp.any(mask, axis=1)).astype(factor.dtype)
+        factor = factor * (int(a.shape[0]) / jnp.maximum(kept, 1))
+    return _pmean(factor, axis_name)
 
 
-def _output_factor(e: Array, batch: int, axis_name: Any) -> Array:
-    """``G`` of the Fisher rows: ``kron.factor`` averages over the ``rows`` of ``e``; the
-    exact Fisher has ``C`` rows per example and the same ``1/B`` scale as the others, so the
-    mean over rows is rescaled by ``rows / B`` (1 for the empirical and MC Fisher)."""
+def _output_factor(e: Array, batch: int, axis_name: Any, captures: Any = None) -> Array:
+    """``G`` of the Fisher rows: ``kron.factor`` averages over the ``rows`` of ``e`` (the kept
+    positions with ``captures.mask``); the exact Fisher has ``C`` (``T·C``) rows per example
+    and the same ``1/B`` scale as the others, so the mean over rows is rescaled by
+    ``rows / B`` (1 for the empirical and MC Fisher)."""
     rows = int(e.shape[0])
     factor = kron.factor(e, check_finite=False)
+    mask = None if captures is None else layer_mask(captures, e)
+    if mask is not None:
+        # Zeroed masked rows: the mean over all N·T positions becomes one over the kept ones.
+        kept = jnp.sum(mask).astype(factor.dtype)
+        factor = factor * (mask.size / jnp.maximum(kept, 1))
     if rows != batch:
         factor = factor * (rows / batch)
     return _pmean(factor, axis_name)
@@ -314,7 +328,7 @@ def _all_finite(tree: Any) -> Array:
 
 
 def _skip_non_finite(
-    transformation: optax.GradientTransformationExtraArgs,
+    transformation: optax.GradientTransformationExtraArgs, axis_name: Any = None
 ) -> optax.GradientTransformationExtraArgs:
     """The failure rule of every transformation here, as in ``curvlinalg_torch``: a step
     either completes or leaves the state exactly as it was.
@@ -325,7 +339,9 @@ def _skip_non_finite(
     is returned bit for bit (``count`` included, so ``state.count`` counts completed steps and
     the refresh schedule resumes where it stopped) and every update leaf is zero, so the
     step moves nothing through ``optax.sgd`` (a momentum buffer after the preconditioner
-    still decays). Selected with ``jnp.where``, one trace serves both outcomes.
+    still decays). Selected with ``jnp.where``, one trace serves both outcomes. Under
+    ``axis_name`` the devices agree: one device's non-finite capture skips the step on all
+    of them (otherwise their states would drift apart, and the flag would not be replicated).
     """
 
     def update(
@@ -340,6 +356,8 @@ def _skip_non_finite(
             & _all_finite(new_state)
             & _all_finite(new_updates)
         )
+        if axis_name is not None:
+            ok = jax.lax.psum(jnp.where(ok, 0, 1), axis_name) == 0
         kept = jax.tree_util.tree_map(lambda new, old: jnp.where(ok, new, old), new_state, state)
         zeroed = jax.tree_util.tree_map(
             lambda new: jnp.where(ok, new, jnp.zeros_like(new)), new_updates
@@ -449,7 +467,7 @@ def foof(
             rate = _first_average(count, decay, info.dtype)
 
             def average(old: Array, a: Array = a, rate: Array = rate) -> Array:
-                return kron.ema(old, _input_factor(a, axis_name), rate)
+                return kron.ema(old, _input_factor(a, axis_name, batch), rate)
 
             factor = jax.lax.cond(accumulate, average, _keep, state.a_factors[info.path])
             inverse = jax.lax.cond(
@@ -469,7 +487,7 @@ def foof(
         new_state = FoofState(optax.safe_int32_increment(count), factors, inverses)
         return layout.replace_layers(updates, infos, directions), new_state
 
-    return _skip_non_finite(optax.GradientTransformationExtraArgs(init, update))
+    return _skip_non_finite(optax.GradientTransformationExtraArgs(init, update), axis_name)
 
 
 # --------------------------------------------------------------------------------------
@@ -584,8 +602,8 @@ def kfac(
             def average(
                 old: tuple[Array, Array], a: Array = a, e_fisher: Array = e_fisher, rate=rate
             ) -> tuple[Array, Array]:
-                new_a = _input_factor(a, axis_name)
-                new_g = _output_factor(e_fisher, batch.batch_size, axis_name)
+                new_a = _input_factor(a, axis_name, batch)
+                new_g = _output_factor(e_fisher, batch.batch_size, axis_name, batch)
                 return kron.ema(old[0], new_a, rate), kron.ema(old[1], new_g, rate)
 
             factors = jax.lax.cond(
@@ -615,7 +633,7 @@ def kfac(
         new_state = KfacState(optax.safe_int32_increment(count), a_factors, g_factors, a_pre, g_pre)
         return layout.replace_layers(updates, infos, directions), new_state
 
-    return _skip_non_finite(optax.GradientTransformationExtraArgs(init, update))
+    return _skip_non_finite(optax.GradientTransformationExtraArgs(init, update), axis_name)
 
 
 # --------------------------------------------------------------------------------------
@@ -730,7 +748,7 @@ def natural_gradient(
         new_state = NaturalGradientState(optax.safe_int32_increment(state.count), kept)
         return layout.replace_layers(updates, infos, directions), new_state
 
-    return _skip_non_finite(optax.GradientTransformationExtraArgs(init, update))
+    return _skip_non_finite(optax.GradientTransformationExtraArgs(init, update), axis_name)
 
 
 # --------------------------------------------------------------------------------------
@@ -898,8 +916,8 @@ def kldwrm(
 
             def average(old: tuple, a: Array = a, e_fisher: Array = e_fisher, rho=rho_now):
                 local = (
-                    _input_factor(a, axis_name),
-                    _output_factor(e_fisher, batch.batch_size, axis_name),
+                    _input_factor(a, axis_name, batch),
+                    _output_factor(e_fisher, batch.batch_size, axis_name, batch),
                 )
                 return wake.average(list(old[:2]), list(local), rho) + list(local)
 
@@ -974,4 +992,4 @@ def kldwrm(
         new_state = KldwrmState(count=optax.safe_int32_increment(count), lam_prev=lam, **new)
         return layout.replace_layers(updates, infos, directions), new_state
 
-    return _skip_non_finite(optax.GradientTransformationExtraArgs(init, update))
+    return _skip_non_finite(optax.GradientTransformationExtraArgs(init, update), axis_name)

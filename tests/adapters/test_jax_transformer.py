@@ -394,3 +394,111 @@ def test_non_finite_step_leaves_state_untouched_and_updates_zero(problem, make):
     for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(a, b)
     assert int(after[0].count) == 2
+
+
+# --------------------------------------------------------------------------------------
+# Sequence Fisher and position masks
+# --------------------------------------------------------------------------------------
+
+KEPT = 3
+
+
+def masked_losses(logits, targets):
+    """Per-sequence losses: the token cross-entropies of the kept positions, summed."""
+    labels, mask = targets
+    return jnp.sum(jnp.where(mask, CE(logits, labels), 0.0), axis=-1)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+def test_masked_positions_count_as_deleted(problem, fisher):
+    """Trailing padding behind the causal mask: the K-FAC step (factors and direction) on
+    the masked (B, T) batch equals that on the batch with the padded positions deleted,
+    for the empirical and the exact sequence Fisher."""
+    model, params, tokens, labels, *_ = problem
+    mask = jnp.broadcast_to(jnp.arange(T) < KEPT, (B, T))
+    padded = jnp.where(mask, tokens, V - 1)  # padding holds some other token
+    tx = cj.kfac(DAMPING, damping_mode="exact")
+
+    @jax.jit
+    def both(params):
+        _, grads, captures = cj.capture_linen(
+            model,
+            params,
+            padded,
+            (labels, mask),
+            masked_losses,
+            fisher=fisher,
+            position_mask=mask,
+        )
+        masked = tx.update(grads, tx.init(params), params, captures=captures)
+        _, short_grads, short = cj.capture_linen(
+            model, params, tokens[:, :KEPT], labels[:, :KEPT], token_losses, fisher=fisher
+        )
+        deleted = tx.update(short_grads, tx.init(params), params, captures=short)
+        return grads, short_grads, masked, deleted
+
+    grads, short_grads, (updates, state), (expected, expected_state) = both(params)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(short_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+        assert relative_error(a, b) < 1e-9
+    for field in ("a_factors", "g_factors"):
+        for path in CAPTURED:
+            actual, wanted = getattr(state, field)[path], getattr(expected_state, field)[path]
+            assert relative_error(actual, wanted) < 1e-10, (field, path)
+
+
+def test_mc_labels_skip_masked_positions(problem):
+    model, params, tokens, labels, *_ = problem
+    mask = jnp.arange(T)[None, :] < jnp.array([[5], [3], [1]])
+    _, _, captures = jax.jit(
+        lambda p: cj.capture_linen(
+            model,
+            p,
+            tokens,
+            (labels, mask),
+            masked_losses,
+            fisher="mc",
+            key=jax.random.key(0),
+            position_mask=mask,
+        )
+    )(params)
+    a, e = captures.fisher["head"]
+    np.testing.assert_array_equal(np.asarray(e)[~np.asarray(mask)], 0)
+    np.testing.assert_array_equal(np.asarray(a)[~np.asarray(mask)], 0)
+    assert np.all(np.linalg.norm(np.asarray(e)[np.asarray(mask)], axis=-1) > 0)
+    assert captures.mask is not None and captures.mask.shape == (B, T)
+
+
+def test_exact_sequence_fisher_matches_jacrev(problem):
+    """``(1/B) Σ_rows g gᵀ`` of the exact Fisher's ``B·T·C`` rows of a projection equals
+    ``(1/B) Σ_i Σ_t J_itᵀ (diag p_it − p_it p_itᵀ) J_it`` with ``J_it`` the ``jacrev`` of
+    position ``t``'s logits with respect to the projection's weight matrix."""
+    model, params, tokens, labels, *_ = problem
+    path = "Block/attention/value"
+    info = layer_infos(params)[path]
+
+    @jax.jit
+    def both(params):
+        _, _, captures = cj.capture_linen(
+            model, params, tokens, labels, token_losses, fisher="exact"
+        )
+        a, e = captures.fisher[path]
+        rows = jnp.einsum("nto,nti->noi", e, a).reshape(a.shape[0], -1)
+
+        def logits_of(matrix, x):
+            kernel, bias = cj.matrix_to_kernel(matrix, info.kernel_shape, True, 2)
+            inner = dict(params["Block"]["attention"], value={"kernel": kernel, "bias": bias})
+            block = dict(params["Block"], attention=inner)
+            return model.apply({"params": dict(params, Block=block)}, x[None])[0]
+
+        matrix = as_matrix(params, info)
+        jac = jax.vmap(jax.jacrev(logits_of), in_axes=(None, 0))(matrix, tokens)  # (B,T,C,o,i)
+        jac = jac.reshape(B, T, V, -1)
+        p = jax.nn.softmax(model.apply({"params": params}, tokens), axis=-1)
+        hessian = jax.vmap(jax.vmap(lambda q: jnp.diag(q) - jnp.outer(q, q)))(p)
+        expected = jnp.einsum("btcx,btcd,btdy->xy", jac, hessian, jac) / B
+        return rows.T @ rows / B, expected
+
+    actual, expected = both(params)
+    assert relative_error(actual, expected) < 1e-9
