@@ -1,9 +1,11 @@
 r"""curvlinalg_jax: optax transformations and Flax capture helpers for curvlinalg.
 
 A thin adapter: it captures each layer's inputs ``a`` and per-example output gradients ``e``
-(:func:`capture_linen` with :class:`Dense`/:class:`Conv`, or :func:`capture` for plain
-functions), holds optimizer state as NamedTuples, schedules refreshes with ``jax.lax.cond``,
-and calls ``curvlinalg``'s formulas on JAX arrays.
+(:func:`capture_linen` with :class:`Dense`/:class:`DenseGeneral`/:class:`Conv` and the
+attention :class:`MultiHeadDotProductAttention`, or :func:`capture` for plain functions;
+sequence logits ``(B, T, C)`` with a ``position_mask``), holds optimizer state as
+NamedTuples, schedules refreshes with ``jax.lax.cond``, and calls ``curvlinalg``'s formulas
+on JAX arrays.
 
 * :func:`foof`, :func:`kfac`, :func:`ekfac`, :func:`natural_gradient`, :func:`kldwrm` — optax
   ``GradientTransformationExtraArgs`` preconditioners; ``update(grads, state, params,
