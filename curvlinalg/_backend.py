@@ -268,6 +268,45 @@ def eigh(xp: ModuleType, m: Array) -> tuple[Array, Array]:
     return values, vectors
 
 
+# --------------------------------------------------------------------------------------
+# Weighted counts (scatter-add)
+# --------------------------------------------------------------------------------------
+
+# The portable fallback compares a chunk of indices with every bin at once; this bounds the
+# elements of that (chunk, length) comparison.
+_BINCOUNT_ELEMENTS = 2**22
+
+
+def bincount(xp: ModuleType, indices: Array, weights: Array, length: int) -> Array:
+    """``out[v] = Σ_n weights[n]·[indices[n] = v]`` for ``v < length``: a ``(length,)`` array
+    of ``weights``' dtype and device.
+
+    ``indices``: ``(N,)`` integers in ``[0, length)`` (the caller validates them);
+    ``weights``: ``(N,)`` real floating. A scatter-add where the library has one (NumPy's
+    and CuPy's ``bincount``, torch's ``index_add``, JAX's ``.at[].add``, which jits); the
+    standard has none, so other namespaces compare chunks of indices with every bin."""
+    if array_api_compat.is_numpy_namespace(xp) or array_api_compat.is_cupy_namespace(xp):
+        library = _import("cupy" if array_api_compat.is_cupy_namespace(xp) else "numpy")
+        counts = library.bincount(indices, weights=weights, minlength=length)
+        return counts.astype(weights.dtype, copy=False)
+    if array_api_compat.is_torch_namespace(xp):
+        zeros = xp.zeros((length,), dtype=weights.dtype, device=device(weights))
+        return zeros.index_add(0, indices, weights)
+    if array_api_compat.is_jax_namespace(xp):
+        zeros = xp.zeros((length,), dtype=weights.dtype, device=device(weights))
+        return zeros.at[indices].add(weights)
+    total = xp.zeros((length,), dtype=weights.dtype, device=device(weights))
+    bins = xp.arange(length, dtype=indices.dtype, device=device(indices))
+    count = int(indices.shape[0])
+    chunk = max(1, _BINCOUNT_ELEMENTS // max(length, 1))
+    for start in range(0, count, chunk):
+        stop = min(start + chunk, count)
+        hits = indices[start:stop, None] == bins[None, :]
+        part = xp.where(hits, weights[start:stop, None], xp.zeros_like(weights[start:stop, None]))
+        total = total + xp.sum(part, axis=0)
+    return total
+
+
 def _import(name: str) -> ModuleType:
     module = sys.modules.get(name)
     if module is None:

@@ -35,6 +35,12 @@ computed without the full matrix.
 Conventions: captures hold each example's own loss gradient (no ``1/B``); the bias column
 is part of ``a`` (as for :func:`curvlinalg.kron.factor`); scores are plain inner products
 (no sign flip, no learning-rate factor).
+
+Masks (padding): ``query_mask=`` and ``train_mask=`` (``mask=`` for the self-scores) mask
+the captures as in :mod:`curvlinalg.woodbury` — ``None``, one array for every layer, or one
+entry per layer, of the layers' leading shapes ``(B,)`` or ``(B, T)``, boolean or weights
+``w ≥ 0`` — so that ``g_l = Σ_t w_lt e_ltᵀ a_lt``: positions of weight zero contribute
+nothing, and a fully masked example scores 0 against everything.
 """
 
 from __future__ import annotations
@@ -64,9 +70,19 @@ __all__ = ["kfac_scores", "ekfac_scores", "kfac_self_scores", "ekfac_self_scores
 # --------------------------------------------------------------------------------------
 
 
-def _query_and_train(query: Captures, train: Captures, check_finite: bool) -> tuple:
-    xp, flat_q, batch_q = woodbury._layers(query, check_finite=check_finite, name="query")
-    _, flat_t, batch_t = woodbury._layers(train, check_finite=check_finite, name="train")
+def _query_and_train(
+    query: Captures,
+    train: Captures,
+    check_finite: bool,
+    query_mask: Any = None,
+    train_mask: Any = None,
+) -> tuple:
+    xp, flat_q, batch_q = woodbury._layers(
+        query, check_finite=check_finite, name="query", mask=query_mask, mask_name="query_mask"
+    )
+    _, flat_t, batch_t = woodbury._layers(
+        train, check_finite=check_finite, name="train", mask=train_mask, mask_name="train_mask"
+    )
     _backend.namespace(("query", flat_q[0][0]), ("train", flat_t[0][0]))
     _checks.same_dtype([("query", flat_q[0][0]), ("train", flat_t[0][0])])
     if len(flat_t) != len(flat_q):
@@ -323,6 +339,8 @@ def kfac_scores(
     *,
     method: str = "auto",
     check_finite: bool = True,
+    query_mask: Any = None,
+    train_mask: Any = None,
 ) -> Array:
     r"""K-FAC influence scores ``s_qt = Σ_l ⟨(A_l⁻¹ ⊗ G_l⁻¹) g^q_l, g^t_l⟩``, ``(B_q, B_t)``.
 
@@ -338,8 +356,11 @@ def kfac_scores(
     (``B_q`` and ``B_t`` examples; the numbers of positions may differ). ``inverses``: per
     layer ``(a_inv, g_inv)``, symmetric ``(d_in, d_in)`` and ``(d_out, d_out)`` damped
     inverses. With identity inverses the scores are ``woodbury.cross_gram(query, train)``.
+    ``query_mask``, ``train_mask``: masks of ``query`` and ``train`` (module docstring).
     """
-    xp, flat_q, batch_q, flat_t, batch_t = _query_and_train(query, train, check_finite)
+    xp, flat_q, batch_q, flat_t, batch_t = _query_and_train(
+        query, train, check_finite, query_mask, train_mask
+    )
     preconditioners = _inverses(xp, flat_q, inverses, check_finite, "query")
     total = None
     for layer_q, layer_t, (a_inv, g_inv) in zip(flat_q, flat_t, preconditioners):
@@ -388,6 +409,8 @@ def ekfac_scores(
     *,
     method: str = "auto",
     check_finite: bool = True,
+    query_mask: Any = None,
+    train_mask: Any = None,
 ) -> Array:
     r"""EK-FAC influence scores ``s_qt = Σ_l ⟨(Q_l diag(S_l) Q_lᵀ + λ_l I)⁻¹ g^q_l, g^t_l⟩``,
     ``(B_q, B_t)``, with ``Q_l = U_A ⊗ U_G``.
@@ -407,8 +430,11 @@ def ekfac_scores(
     :class:`~curvlinalg.kron.Eigh` of the input and output factors, ``S`` from
     :func:`curvlinalg.kron.eigen_correction` (``(d_out, d_in)``) and ``λ ≥ 0``. Raises
     :class:`curvlinalg.NotPositiveDefiniteError` when some ``S + λ ≤ 0``.
+    ``query_mask``, ``train_mask``: masks of ``query`` and ``train`` (module docstring).
     """
-    xp, flat_q, batch_q, flat_t, batch_t = _query_and_train(query, train, check_finite)
+    xp, flat_q, batch_q, flat_t, batch_t = _query_and_train(
+        query, train, check_finite, query_mask, train_mask
+    )
     layers = _eigens(xp, flat_q, eigens, check_finite, "query")
     total = None
     for layer_q, layer_t, (a_vectors, g_vectors, weights) in zip(flat_q, flat_t, layers):
@@ -471,6 +497,7 @@ def kfac_self_scores(
     *,
     method: str = "auto",
     check_finite: bool = True,
+    mask: Any = None,
 ) -> Array:
     r"""K-FAC self-influence ``s_i = Σ_l ⟨(A_l⁻¹ ⊗ G_l⁻¹) g_il, g_il⟩``, ``(B,)``.
 
@@ -478,9 +505,9 @@ def kfac_self_scores(
     matrix: per example ``Σ_{t,s} (a_it A⁻¹ a_isᵀ)(e_it G⁻¹ e_isᵀ)`` (``"pairs"``,
     ``T²·(d_in + d_out)``) or ``⟨G⁻¹ g_i A⁻¹, g_i⟩`` from per-example gradients formed a
     chunk at a time (``"explicit"``); ``method="auto"`` picks per layer. Arguments as for
-    :func:`kfac_scores`.
+    :func:`kfac_scores`; ``mask`` masks ``captures`` (module docstring).
     """
-    xp, flat, batch = woodbury._layers(captures, check_finite=check_finite)
+    xp, flat, batch = woodbury._layers(captures, check_finite=check_finite, mask=mask)
     preconditioners = _inverses(xp, flat, inverses, check_finite, "captures")
     total = None
     for layer, (a_inv, g_inv) in zip(flat, preconditioners):
@@ -513,6 +540,7 @@ def ekfac_self_scores(
     *,
     method: str = "auto",
     check_finite: bool = True,
+    mask: Any = None,
 ) -> Array:
     r"""EK-FAC self-influence ``s_i = Σ_l Σ_{o,j} W_oj (R_i)_oj²``, ``(B,)``, with
     ``W = 1/(S + λ)`` and ``R_i = Ẽ_iᵀ Ã_i`` the rotated per-example gradient.
@@ -520,9 +548,10 @@ def ekfac_self_scores(
     The diagonal of ``ekfac_scores(captures, captures, eigens)`` without the ``B×B``
     matrix — the same contraction as :func:`curvlinalg.kron.eigen_correction`, weighted by
     ``W`` and kept per example: ``Σ_{t,s} (Ẽ_it∘Ẽ_is) W (Ã_it∘Ã_is)ᵀ`` (``"pairs"``) or
-    ``R_i`` formed a chunk at a time (``"explicit"``). Arguments as for :func:`ekfac_scores`.
+    ``R_i`` formed a chunk at a time (``"explicit"``). Arguments as for :func:`ekfac_scores`;
+    ``mask`` masks ``captures`` (module docstring).
     """
-    xp, flat, batch = woodbury._layers(captures, check_finite=check_finite)
+    xp, flat, batch = woodbury._layers(captures, check_finite=check_finite, mask=mask)
     layers = _eigens(xp, flat, eigens, check_finite, "captures")
     total = None
     for layer, (a_vectors, g_vectors, weights) in zip(flat, layers):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from . import _backend, _checks
+from . import _backend, _checks, _masks
 from ._checks import NotPositiveDefiniteError
 
 Array = Any
@@ -30,6 +30,7 @@ __all__ = [
     "NotPositiveDefiniteError",
     "factor",
     "input_factor",
+    "example_count",
     "ema",
     "debiased_ema",
     "split_damping",
@@ -42,8 +43,14 @@ __all__ = [
     "eigen_solve",
     "eigen_correction",
     "corrected_solve",
+    "corrected_solve_captures",
     "sum_eigen_solve",
     "sum_solve",
+    "embedding_factor",
+    "diagonal_split_damping",
+    "diagonal_inverse",
+    "diagonal_precondition",
+    "diagonal_input_solve",
 ]
 
 
@@ -85,7 +92,9 @@ def _symmetric(xp: Any, m: Array) -> Array:
 # --------------------------------------------------------------------------------------
 
 
-def factor(x: Array, *, bias: bool = False, check_finite: bool = True) -> Array:
+def factor(
+    x: Array, *, bias: bool = False, check_finite: bool = True, mask: Array | None = None
+) -> Array:
     r"""Kronecker factor ``xᵀx / N`` of activations or output gradients.
 
     ``x`` has shape ``(..., d)``; every leading axis counts as an example (batch, spatial
@@ -93,25 +102,85 @@ def factor(x: Array, *, bias: bool = False, check_finite: bool = True) -> Array:
     is the *mean* outer product. With ``bias=True`` a column of ones is appended first (the
     homogeneous coordinate of a layer with bias), giving a ``(d+1)×(d+1)`` factor.
 
+    ``mask``: ``None`` or an array of shape ``x.shape[:-1]``, boolean (``True`` = keep) or
+    real floating weights ``w ≥ 0``. The factor is then the weighted mean over rows,
+    ``Σ_n w_n x_n x_nᵀ / Σ_n w_n`` (bias column included in ``x_n``): rows of weight zero
+    contribute nothing whatever they hold (padding may be NaN), and an all-zero mask gives
+    the zero matrix (the denominator 0 is replaced by 1), never NaN. An all-ones mask gives
+    exactly the unmasked factor. Negative or non-finite weights raise ``ValueError``
+    (unchecked under ``jax.jit``). See :func:`example_count` for the per-example count.
+
     Returns a symmetric ``(d, d)`` array (``(d+1, d+1)`` with bias) of ``x``'s dtype.
     """
-    xp = _backend.namespace(("x", x))
+    xp = _backend.namespace(("x", x), ("mask", mask))
     _checks.floating(xp, "x", x)
     _checks.ndim_at_least("x", x, 2)
     width = int(x.shape[-1])
     count = math.prod(int(size) for size in x.shape[:-1])
     if count == 0:
         raise ValueError(f"x has no examples; got shape {tuple(x.shape)}")
+    weight = None
+    if mask is not None:
+        weight = xp.reshape(_masks.weights(xp, "mask", mask, tuple(x.shape[:-1]), x, "x"), (count,))
+    rows = _masks.apply(xp, xp.reshape(x, (count, width)), weight, scale=False)
     if check_finite:
-        _checks.finite(xp, "x", x)
-    rows = xp.reshape(x, (count, width))
+        _checks.finite(xp, "x", rows)
+    denominator = count if weight is None else _masks.nonzero(xp, xp.sum(weight))
+    return _outer_mean(xp, rows, weight, denominator, bias)
+
+
+def _outer_mean(xp: Any, rows: Array, weight: Array | None, denominator: Any, bias: bool) -> Array:
+    """``Σ_n w_n x_n x_nᵀ / denominator`` over ``rows`` ``(N, d)`` (a column of ones appended
+    with ``bias``), ``w = 1`` when ``weight`` is ``None``."""
     if bias:
-        ones = xp.ones((count, 1), dtype=x.dtype, device=_backend.device(x))
+        ones = xp.ones((int(rows.shape[0]), 1), dtype=rows.dtype, device=_backend.device(rows))
         rows = xp.concat([rows, ones], axis=1)
-    return _symmetric(xp, xp.matrix_transpose(rows) @ rows) / count
+    weighted = rows if weight is None else rows * weight[:, None]
+    return _symmetric(xp, xp.matrix_transpose(weighted) @ rows) / denominator
 
 
-def input_factor(a: Array, *, bias: bool = False, check_finite: bool = True) -> Array:
+def example_count(mask: Array, *, dtype: Any = None) -> Array:
+    r"""Effective number of examples of a mask, ``B_eff = Σ_i max_t w_it``.
+
+    ``mask``: ``(B,)`` or ``(B, T)`` (more trailing position axes are maximised over too),
+    boolean or real floating weights ``≥ 0``. For a boolean mask ``B_eff`` is the number of
+    examples with at least one kept position; for ``(B,)`` weights it is ``Σ_i w_i``; for
+    example weights repeated over an example's kept positions it is the total example
+    weight. It is the denominator of :func:`input_factor` and :func:`eigen_correction` with
+    ``mask=`` (there 0 is replaced by 1), and the ``B`` of the masked subsampled Fisher
+    ``F = (1/B_eff)·G Gᵀ`` (:mod:`curvlinalg.woodbury`, ``scale = 1/B_eff``).
+
+    Returns a 0-d array of ``dtype`` (a real floating dtype of the mask's namespace; default
+    the mask's dtype for a floating mask, else the namespace's default floating dtype — pass
+    the captures' dtype). Not clamped: an all-masked batch gives 0. Raises ``ValueError``
+    naming ``mask`` (not an array, 0-d, a dtype other than boolean or real floating, negative
+    or non-finite weights) or ``dtype``.
+    """
+    if not _masks.is_array(mask):
+        raise ValueError(f"mask must be an array; got {type(mask).__name__}")
+    xp = _backend.namespace(("mask", mask))
+    if mask.ndim < 1:
+        raise ValueError(f"mask must be (B,) or (B, T); got shape {tuple(mask.shape)}")
+    device = _backend.device(mask)
+    if dtype is None:
+        if xp.isdtype(mask.dtype, "real floating"):
+            dtype = mask.dtype
+        else:
+            dtype = xp.__array_namespace_info__().default_dtypes(device=device)["real floating"]
+    try:
+        floating_dtype = xp.isdtype(dtype, "real floating")
+    except (TypeError, ValueError):
+        floating_dtype = False
+    if not floating_dtype:
+        raise ValueError(f"dtype must be a real floating dtype of mask's namespace; got {dtype!r}")
+    like = xp.zeros((), dtype=dtype, device=device)
+    weight = _masks.weights(xp, "mask", mask, tuple(mask.shape), like, "mask")
+    return _masks.example_count(xp, weight)
+
+
+def input_factor(
+    a: Array, *, bias: bool = False, check_finite: bool = True, mask: Array | None = None
+) -> Array:
     r"""K-FAC's input factor ``A = Σ_{i,t} a_it a_itᵀ / B``: positions summed, examples averaged.
 
     ``a``: ``(B, d)`` or ``(B, T, d)`` layer inputs (convolution patches, sequence positions).
@@ -121,18 +190,35 @@ def input_factor(a: Array, *, bias: bool = False, check_finite: bool = True) -> 
     scale of the Fisher. It is ``T·factor(a)``, and ``factor(a)`` for ``(B, d)`` inputs.
     ``bias=True`` appends the column of ones first, as for :func:`factor`.
 
+    ``mask``: ``None`` or an array of shape ``a.shape[:-1]`` (``(B,)`` or ``(B, T)``),
+    boolean or real floating weights ``w ≥ 0``:
+    ``A = Σ_{i,t} w_it a_it a_itᵀ / B_eff`` with ``B_eff = Σ_i max_t w_it``
+    (:func:`example_count`): the number of examples with a kept position for boolean masks,
+    so that ``A⊗factor(e, mask=mask)`` is KFC of the padded batch with the padding deleted
+    (for equal-length kept examples); for ``(B,)`` masks it equals ``factor(a, mask=mask)``.
+    Positions of weight zero contribute nothing (padding may hold NaN); an all-zero mask
+    gives the zero matrix; an all-ones mask gives the unmasked factor exactly.
+
     Returns a symmetric ``(d, d)`` array (``(d+1, d+1)`` with bias) of ``a``'s dtype.
     """
-    xp = _backend.namespace(("a", a))
+    xp = _backend.namespace(("a", a), ("mask", mask))
     _checks.floating(xp, "a", a)
     if a.ndim not in (2, 3):
         raise ValueError(f"a must be (B, d) or (B, T, d); got shape {tuple(a.shape)}")
-    if math.prod(int(size) for size in a.shape[:-1]) == 0:
+    count = math.prod(int(size) for size in a.shape[:-1])
+    if count == 0:
         raise ValueError(f"a has no examples; got shape {tuple(a.shape)}")
+    weights = None
+    if mask is not None:
+        weights = _masks.weights(xp, "mask", mask, tuple(a.shape[:-1]), a, "a")
+    rows = _masks.apply(xp, a, weights, scale=False)
     if check_finite:
-        _checks.finite(xp, "a", a)
-    positions = 1 if a.ndim == 2 else int(a.shape[1])
-    return factor(a, bias=bias, check_finite=False) * positions
+        _checks.finite(xp, "a", rows)
+    rows = xp.reshape(rows, (count, int(a.shape[-1])))
+    if weights is None:
+        return _outer_mean(xp, rows, None, int(a.shape[0]), bias)
+    denominator = _masks.nonzero(xp, _masks.example_count(xp, weights))
+    return _outer_mean(xp, rows, xp.reshape(weights, (count,)), denominator, bias)
 
 
 def ema(
@@ -243,11 +329,18 @@ def split_damping(a: Array, g: Array, damping: float | Array) -> tuple[Array, Ar
     # Only the diagonals enter; a NaN there would otherwise fall back to the even split.
     _checks.finite(xp, "a", mean_a)
     _checks.finite(xp, "g", mean_g)
+    return _pi_split(xp, mean_a, mean_g, damping, a)
+
+
+def _pi_split(
+    xp: Any, mean_a: Array, mean_g: Array, damping: Any, like: Array
+) -> tuple[Array, Array]:
+    """``(π√λ, √λ/π)`` with ``π² = mean_a / mean_g`` (``π = 1`` unless both are positive)."""
     valid = (mean_a > 0) & (mean_g > 0)
     one = xp.ones_like(mean_a)
     ratio = xp.where(valid, mean_a / xp.where(valid, mean_g, one), one)
     pi = xp.sqrt(ratio)
-    root = xp.sqrt(xp.asarray(damping, dtype=a.dtype, device=_backend.device(a)))
+    root = xp.sqrt(xp.asarray(damping, dtype=like.dtype, device=_backend.device(like)))
     return pi * root, root / pi
 
 
@@ -658,6 +751,7 @@ def eigen_correction(
     *,
     method: str = "auto",
     check_finite: bool = True,
+    mask: Array | None = None,
 ) -> Array:
     r"""EK-FAC's corrected eigenvalues: the Fisher's diagonal in the Kronecker eigenbasis.
 
@@ -682,18 +776,32 @@ def eigen_correction(
     :func:`factor`); ``e``: ``(B, d_out)`` or ``(B, T, d_out)``; ``a_eigh``, ``g_eigh``: the
     :class:`Eigh` of the input and output factors (any orthonormal eigenbases). Returns
     ``(d_out, d_in)``, non-negative.
+
+    ``mask``: ``None`` or an array of shape ``a.shape[:-1]`` (``(B,)`` or ``(B, T)``),
+    boolean or real floating weights ``w ≥ 0``. The per-example gradients become
+    ``g_i = Σ_t w_it e_itᵀ a_it`` and ``S = Σ_i (U_Gᵀ g_i U_A)∘² / B_eff`` with
+    ``B_eff = Σ_i max_t w_it`` (:func:`example_count`; the number of examples with a kept
+    position for boolean masks). Positions of weight zero contribute nothing (padding may
+    hold NaN); an all-zero mask gives zeros; an all-ones mask gives the unmasked ``S``.
     """
     xp = _backend.namespace(
         ("a", a),
         ("e", e),
         ("a_eigh", _eigh_vectors("a_eigh", a_eigh)),
         ("g_eigh", _eigh_vectors("g_eigh", g_eigh)),
+        ("mask", mask),
     )
     _flatten_captures(xp, a, e)
     d_in, d_out = int(a.shape[-1]), int(e.shape[-1])
     _check_eigh("a_eigh", a_eigh, d_in, "a's d_in")
     _check_eigh("g_eigh", g_eigh, d_out, "e's d_out")
     _checks.same_dtype([("a", a), ("a_eigh", a_eigh[1]), ("g_eigh", g_eigh[1])])
+    denominator: Any = int(a.shape[0])
+    if mask is not None:
+        weights = _masks.weights(xp, "mask", mask, tuple(a.shape[:-1]), a, "a")
+        a = _masks.apply(xp, a, weights, scale=False)
+        e = _masks.apply(xp, e, weights, scale=True)
+        denominator = _masks.nonzero(xp, _masks.example_count(xp, weights))
     if check_finite:
         _checks.finite(xp, "a", a)
         _checks.finite(xp, "e", e)
@@ -716,7 +824,7 @@ def eigen_correction(
             rotated = xp.matrix_transpose(rotated_e[start:stop, ...]) @ rotated_a[start:stop, ...]
             part = xp.sum(rotated * rotated, axis=0)
             total = part if total is None else total + part
-    return total / batch
+    return total / denominator
 
 
 def corrected_solve(
@@ -768,6 +876,96 @@ def corrected_solve(
         xp, denominator, "Q diag(correction) Qᵀ + damping·I (some correction + damping ≤ 0)"
     )
     return _diagonal_solve(xp, grad, a_eigh.vectors, g_eigh.vectors, denominator)
+
+
+def _rotate_from_captures(rows: int, d_in: int, d_out: int) -> bool:
+    """Whether rotating the captures (``rows·(d_in² + d_out² + d_out·d_in)`` multiply-adds)
+    is cheaper than forming ``∇W`` and rotating it (``rows·d_out·d_in + d_out·d_in·(d_in +
+    d_out)``) for ``U_Gᵀ ∇W U_A``."""
+    return rows * (d_in * d_in + d_out * d_out) < d_out * d_in * (d_in + d_out)
+
+
+def corrected_solve_captures(
+    a: Array,
+    e: Array,
+    a_eigh: Eigh,
+    g_eigh: Eigh,
+    correction: Array,
+    damping: float | Array,
+    *,
+    check_finite: bool = True,
+    mask: Array | None = None,
+) -> Array:
+    r"""``corrected_solve(∇W, a_eigh, g_eigh, correction, damping)`` for the mean gradient
+    ``∇W = (1/B) Σ_{i,t} e_itᵀ a_it`` of a layer's captures, without forming ``∇W`` when
+    that is cheaper.
+
+    The rotated gradient is ``U_Gᵀ ∇W U_A = (1/B)·(e U_G)ᵀ(a U_A)`` (``a``, ``e`` flattened to
+    ``N = B·T`` rows): ``N·(d_in² + d_out² + d_out·d_in)`` multiply-adds, against
+    ``N·d_out·d_in + d_out·d_in·(d_in + d_out)`` for forming ``∇W`` first and rotating it;
+    the cheaper order is taken for the static shapes (at ``d_in = d_out = 1000``, ``B = 100``
+    the captures' order needs 7× fewer for this half). The result is then
+    ``U_G [(U_Gᵀ ∇W U_A) ⊘ (S + damping)] U_Aᵀ``: the back-rotation (``d_out·d_in·(d_in +
+    d_out)``) is the same in both orders, because ``⊘ (S + damping)`` does not keep the rank
+    of the rotated gradient.
+
+    ``a``: ``(B, d_in)`` or ``(B, T, d_in)`` (bias column included by the caller);
+    ``e``: ``(B, d_out)`` or ``(B, T, d_out)``; ``a_eigh``, ``g_eigh``, ``correction``,
+    ``damping``: as for :func:`corrected_solve`. For a summed loss (``∇W = Σ eᵀa``) multiply
+    the result by ``B``. Returns ``(d_out, d_in)``. Raises :class:`NotPositiveDefiniteError`
+    when some ``correction + damping ≤ 0``.
+
+    ``mask``: ``None`` or an array of shape ``a.shape[:-1]`` (``(B,)`` or ``(B, T)``),
+    boolean or real floating weights ``w ≥ 0``, as for :func:`eigen_correction`: then
+    ``∇W = (1/B_eff) Σ_{i,t} w_it e_itᵀ a_it`` with ``B_eff = Σ_i max_t w_it``
+    (:func:`example_count`; 0 replaced by 1, so an all-masked batch gives zeros). Positions
+    of weight zero contribute nothing (padding may hold NaN).
+    """
+    xp = _backend.namespace(
+        ("a", a),
+        ("e", e),
+        ("a_eigh", _eigh_vectors("a_eigh", a_eigh)),
+        ("g_eigh", _eigh_vectors("g_eigh", g_eigh)),
+        ("correction", correction),
+        ("damping", damping),
+        ("mask", mask),
+    )
+    rows_a, rows_e, batch = _flatten_captures(xp, a, e)
+    d_in, d_out = int(a.shape[-1]), int(e.shape[-1])
+    _check_eigh("a_eigh", a_eigh, d_in, "a's d_in")
+    _check_eigh("g_eigh", g_eigh, d_out, "e's d_out")
+    if tuple(correction.shape) != (d_out, d_in):
+        raise ValueError(
+            f"shape mismatch: correction has shape {tuple(correction.shape)} but the captures "
+            f"need (d_out, d_in) = {(d_out, d_in)}"
+        )
+    _checks.same_dtype(
+        [("a", a), ("a_eigh", a_eigh[1]), ("g_eigh", g_eigh[1]), ("correction", correction)]
+    )
+    _checks.scalar("damping", damping, minimum=0.0)
+    count: Any = batch
+    if mask is not None:
+        weights = _masks.weights(xp, "mask", mask, tuple(a.shape[:-1]), a, "a")
+        a = _masks.apply(xp, a, weights, scale=False)
+        e = _masks.apply(xp, e, weights, scale=True)
+        rows_a, rows_e, _ = _flatten_captures(xp, a, e)
+        count = _masks.nonzero(xp, _masks.example_count(xp, weights))
+    if check_finite:
+        _checks.finite(xp, "a", a)
+        _checks.finite(xp, "e", e)
+        _checks.finite(xp, "correction", correction)
+    denominator = correction + _backend.scalar_like(xp, damping, a)
+    _positive_denominator(
+        xp, denominator, "Q diag(correction) Qᵀ + damping·I (some correction + damping ≤ 0)"
+    )
+    a_vectors, g_vectors = a_eigh[1], g_eigh[1]
+    scaled_e = rows_e / count
+    if _rotate_from_captures(int(rows_a.shape[0]), d_in, d_out):
+        rotated = xp.matrix_transpose(scaled_e @ g_vectors) @ (rows_a @ a_vectors)
+    else:
+        grad = xp.matrix_transpose(scaled_e) @ rows_a
+        rotated = xp.matrix_transpose(g_vectors) @ grad @ a_vectors
+    return g_vectors @ (rotated / denominator) @ xp.matrix_transpose(a_vectors)
 
 
 def sum_eigen_solve(grad: Array, a_eigh: Eigh, g_eigh: Eigh, *, check_finite: bool = True) -> Array:
@@ -850,3 +1048,219 @@ def _sum_solve(
     a_eigh = _generalized_eigh(a2, a1, a2_name, a1_name, check_finite=check_finite)
     g_eigh = _generalized_eigh(g2, g1, g2_name, g1_name, check_finite=check_finite)
     return _sum_eigen_solve(xp, grad, a_eigh, g_eigh, what)
+
+
+# --------------------------------------------------------------------------------------
+# Diagonal input factors (embedding layers)
+# --------------------------------------------------------------------------------------
+
+
+def embedding_factor(
+    tokens: Array, vocab_size: int, *, mask: Array | None = None, dtype: Any = None
+) -> Array:
+    r"""Input factor of an embedding layer: the diagonal ``count / B_eff`` of ``A``.
+
+    An embedding ``y_it = W[:, token_it]`` is a linear layer on one-hot inputs
+    ``a_it = onehot(token_it)``; in the core's layout its weight ``W`` is ``(d_out, d_in) =
+    (d, V)``, the *transpose* of ``torch.nn.Embedding.weight`` and of Flax ``nn.Embed``'s
+    ``embedding`` (both ``(V, d)``). Its :func:`input_factor` is therefore diagonal,
+    ``A = Σ_{i,t} a_it a_itᵀ / B = diag(count) / B`` with ``count_v = Σ_{i,t} [token_it = v]``
+    (positions summed, examples averaged, as in :func:`input_factor`), and this function
+    returns that diagonal without forming the ``(B, T, V)`` one-hot inputs. The output factor
+    is :func:`factor` of the output gradients ``e`` (``(B, T, d)``), as for a linear layer.
+
+    ``tokens``: ``(B,)`` or ``(B, T)`` integers in ``[0, vocab_size)``. ``mask``: ``None`` or
+    an array of ``tokens``' shape, boolean (``True`` = keep) or real floating weights
+    ``w ≥ 0``: then ``count_v = Σ_{i,t} w_it [token_it = v]`` and ``B`` becomes
+    ``B_eff = Σ_i max_t w_it`` (:func:`example_count`: the examples with a kept position,
+    for a boolean mask). A masked position contributes nothing (its token may even be out of
+    range, e.g. a ``-1`` padding id); an all-masked batch gives zeros, never NaN. This is
+    ``diag(input_factor(onehot(tokens), mask=mask))``. ``dtype``: the result's real floating
+    dtype; default the mask's dtype for a floating mask, else the namespace's default
+    floating dtype.
+
+    Returns a ``(vocab_size,)`` array ``≥ 0`` on ``tokens``' device. Raises ``ValueError``
+    naming ``tokens`` when they are not integers, not ``(B,)``/``(B, T)``, empty, or (at a kept
+    position) outside ``[0, vocab_size)`` — a value check, skipped under ``jax.jit``, where
+    out-of-range tokens count nowhere — and naming ``vocab_size`` or ``dtype`` when those
+    are invalid.
+    """
+    xp = _backend.namespace(("tokens", tokens), ("mask", mask))
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive integer; got {vocab_size!r}")
+    if not xp.isdtype(tokens.dtype, "integral"):
+        raise ValueError(f"tokens must have an integer dtype (token ids); got {tokens.dtype}")
+    if tokens.ndim not in (1, 2):
+        raise ValueError(f"tokens must be (B,) or (B, T); got shape {tuple(tokens.shape)}")
+    count = math.prod(int(size) for size in tokens.shape)
+    if count == 0:
+        raise ValueError(f"tokens has no examples; got shape {tuple(tokens.shape)}")
+    device = _backend.device(tokens)
+    if dtype is None:
+        if _masks.is_array(mask) and xp.isdtype(mask.dtype, "real floating"):
+            dtype = mask.dtype
+        else:
+            dtype = xp.__array_namespace_info__().default_dtypes(device=device)["real floating"]
+    try:
+        floating_dtype = xp.isdtype(dtype, "real floating")
+    except (TypeError, ValueError):
+        floating_dtype = False
+    if not floating_dtype:
+        raise ValueError(f"dtype must be a real floating dtype of tokens' namespace; got {dtype!r}")
+    like = xp.zeros((), dtype=dtype, device=device)
+    flat = xp.reshape(tokens, (count,))
+    if mask is None:
+        weight = xp.ones((count,), dtype=dtype, device=device)
+        denominator: Any = int(tokens.shape[0])
+    else:
+        weights = _masks.weights(xp, "mask", mask, tuple(tokens.shape), like, "tokens")
+        denominator = _masks.nonzero(xp, _masks.example_count(xp, weights))
+        weight = xp.reshape(weights, (count,))
+    valid = (flat >= 0) & (flat < vocab_size)
+    if not _backend.is_traced(flat) and not _backend.is_traced(weight):
+        if not bool(xp.all(valid | (weight == 0))):
+            kept = flat[weight != 0]
+            raise ValueError(
+                f"tokens must lie in [0, vocab_size) = [0, {vocab_size}) at every kept "
+                f"position; got values from {int(xp.min(kept))} to {int(xp.max(kept))}"
+            )
+    # Under jit the check above cannot run: invalid ids then count nowhere (JAX would wrap
+    # negative indices and drop large ones).
+    weight = xp.where(valid, weight, xp.zeros_like(weight))
+    index = xp.where(valid, flat, xp.zeros_like(flat))
+    return _backend.bincount(xp, index, weight, vocab_size) / denominator
+
+
+def _diagonal_factor(xp: Any, name: str, diagonal: Array, check_finite: bool) -> int:
+    """Validate the diagonal of a diagonal factor (``(n,)``, ``≥ 0``); return ``n``."""
+    _checks.floating(xp, name, diagonal)
+    if diagonal.ndim != 1:
+        raise ValueError(
+            f"{name} must be the (d_in,) diagonal of the input factor; got shape "
+            f"{tuple(diagonal.shape)}"
+        )
+    if check_finite:
+        _checks.finite(xp, name, diagonal)
+    if not _backend.is_traced(diagonal) and not bool(xp.all(diagonal >= 0)):
+        raise ValueError(f"{name} has negative entries; a factor's diagonal is ≥ 0")
+    return int(diagonal.shape[0])
+
+
+def diagonal_split_damping(
+    a_diagonal: Array, g: Array, damping: float | Array
+) -> tuple[Array, Array]:
+    r""":func:`split_damping` (the π rule) for a diagonal input factor ``A = diag(a_diagonal)``.
+
+    ``damping_a · damping_g = damping`` and
+    ``damping_a / damping_g = mean(a_diagonal) / (tr g / d_out)`` — what
+    ``split_damping(diag(a_diagonal), g, damping)`` returns, without the ``d_in×d_in``
+    matrix. Used as ``(A + damping_a·I)⁻¹ ⊗ (g + damping_g·I)⁻¹``
+    (:func:`diagonal_inverse`, :func:`inverse`, :func:`diagonal_precondition`). A zero
+    factor splits the damping evenly. ``a_diagonal``: ``(d_in,)`` ``≥ 0``; ``g``:
+    ``(d_out, d_out)``; ``damping > 0``. Returns two 0-d arrays of ``a_diagonal``'s dtype.
+    """
+    xp = _backend.namespace(("a_diagonal", a_diagonal), ("g", g), ("damping", damping))
+    dim_a = _diagonal_factor(xp, "a_diagonal", a_diagonal, check_finite=True)
+    _checks.same_dtype([("a_diagonal", a_diagonal), ("g", g)])
+    dim_g = _checks.square("g", g)
+    _checks.scalar("damping", damping, minimum=0.0, strict=True)
+    mean_g = xp.sum(xp.linalg.diagonal(g)) / dim_g
+    _checks.finite(xp, "g", mean_g)
+    return _pi_split(xp, xp.sum(a_diagonal) / dim_a, mean_g, damping, a_diagonal)
+
+
+def diagonal_inverse(
+    a_diagonal: Array, damping: float | Array, *, check_finite: bool = True
+) -> Array:
+    r"""``(diag(a_diagonal) + damping·I)⁻¹`` as its diagonal, ``1 / (a_diagonal + damping)``.
+
+    ``a_diagonal``: ``(d_in,)``, ``≥ 0`` (e.g. :func:`embedding_factor`); ``damping > 0``
+    (strictly: the tokens a batch does not contain have ``a_v = 0``, so an undamped
+    embedding factor is singular). Returns ``(d_in,)`` of ``a_diagonal``'s dtype.
+    """
+    xp = _backend.namespace(("a_diagonal", a_diagonal), ("damping", damping))
+    _diagonal_factor(xp, "a_diagonal", a_diagonal, check_finite)
+    _checks.scalar("damping", damping, minimum=0.0, strict=True)
+    return 1 / (a_diagonal + _backend.scalar_like(xp, damping, a_diagonal))
+
+
+def diagonal_precondition(
+    grad: Array, a_inv_diagonal: Array, g_inv: Array | None = None, *, check_finite: bool = True
+) -> Array:
+    r"""``g_inv @ grad @ diag(a_inv_diagonal)``: :func:`precondition` with a diagonal ``a_inv``.
+
+    ``= mat((diag(a_inv_diagonal) ⊗ g_inv) vec(grad))``, column ``v`` of ``grad`` scaled by
+    ``a_inv_diagonal[v]``, then multiplied by ``g_inv``. With
+    ``a_inv_diagonal = diagonal_inverse(a, damping_a)`` and ``g_inv = inverse(g, damping_g)``
+    (dampings from :func:`diagonal_split_damping`) it is K-FAC's factored step for an
+    embedding; with ``g_inv=None`` it is FOOF's ``grad (diag(a) + λI)⁻¹``.
+
+    ``grad``: ``(..., d_out, d_in)`` in the core's layout — for an embedding ``(d, V)``, the
+    transpose of the torch/Flax ``(V, d)`` weight gradient; ``a_inv_diagonal``: ``(d_in,)``;
+    ``g_inv``: ``(d_out, d_out)`` or ``None``. Returns ``grad``'s shape.
+    """
+    xp = _backend.namespace(("grad", grad), ("a_inv_diagonal", a_inv_diagonal), ("g_inv", g_inv))
+    _checks.floating(xp, "grad", grad)
+    _checks.ndim_at_least("grad", grad, 2)
+    _checks.same_dtype([("grad", grad), ("a_inv_diagonal", a_inv_diagonal), ("g_inv", g_inv)])
+    d_out, d_in = int(grad.shape[-2]), int(grad.shape[-1])
+    if a_inv_diagonal.ndim != 1:
+        raise ValueError(f"a_inv_diagonal must be (d_in,); got shape {tuple(a_inv_diagonal.shape)}")
+    _checks.matching(
+        "a_inv_diagonal", int(a_inv_diagonal.shape[0]), "the gradient's d_in", d_in, "size"
+    )
+    if g_inv is not None:
+        _checks.matching(
+            "g_inv", _checks.square("g_inv", g_inv), "the gradient's d_out", d_out, "size"
+        )
+    if check_finite:
+        _checks.finite(xp, "grad", grad)
+        _checks.finite(xp, "a_inv_diagonal", a_inv_diagonal)
+        if g_inv is not None:
+            _checks.finite(xp, "g_inv", g_inv)
+    result = grad * a_inv_diagonal
+    return result if g_inv is None else g_inv @ result
+
+
+def diagonal_input_solve(
+    grad: Array,
+    a_diagonal: Array,
+    g_eigh: Eigh,
+    damping: float | Array,
+    *,
+    check_finite: bool = True,
+) -> Array:
+    r"""Exactly damped solve ``mat((diag(a)⊗G + damping·I)⁻¹ vec(grad))`` for a diagonal ``A``.
+
+    :func:`eigen_solve` with ``A = diag(a_diagonal)``, whose eigenbasis is the identity:
+    with ``G = U_G diag(s_G) U_Gᵀ`` (from :func:`eigh`) the solve is
+    ``U_G [(U_Gᵀ grad) ⊘ (s_G a_diagonalᵀ + damping)]``, two multiplications by ``U_G`` and
+    no ``d_in×d_in`` work (for an embedding ``d_in = V``, the vocabulary).
+
+    ``grad``: ``(..., d_out, d_in)`` in the core's layout (an embedding's ``(d, V)``, the
+    transpose of the torch/Flax ``(V, d)`` gradient); ``a_diagonal``: ``(d_in,)`` ``≥ 0``
+    (:func:`embedding_factor`); ``g_eigh``: :class:`Eigh` of ``G`` (``d_out``);
+    ``damping > 0`` (strictly, see :func:`diagonal_inverse`). Raises
+    :class:`NotPositiveDefiniteError` when some ``s_G,i·a_j + damping`` is within the
+    eigenvalues' rounding of zero or below (as :func:`eigen_solve`). Returns ``grad``'s shape.
+    """
+    fields = _eigh_fields("g_eigh", g_eigh)
+    xp = _backend.namespace(
+        ("grad", grad), ("a_diagonal", a_diagonal), *fields, ("damping", damping)
+    )
+    _checks.floating(xp, "grad", grad)
+    _checks.ndim_at_least("grad", grad, 2)
+    d_in = _diagonal_factor(xp, "a_diagonal", a_diagonal, check_finite)
+    _checks.matching("a_diagonal", d_in, "the gradient's d_in", int(grad.shape[-1]), "size")
+    _check_eigh("g_eigh", g_eigh, int(grad.shape[-2]), "the gradient's d_out")
+    _checks.same_dtype([("grad", grad), ("a_diagonal", a_diagonal), *fields])
+    _checks.scalar("damping", damping, minimum=0.0, strict=True)
+    if check_finite:
+        _checks.finite(xp, "grad", grad)
+        for name, value in fields:
+            _checks.finite(xp, name, value)
+    values, vectors = g_eigh
+    denominator = values[:, None] * a_diagonal[None, :] + _backend.scalar_like(xp, damping, grad)
+    _kronecker_denominator(xp, denominator, values, a_diagonal, "diag(a)⊗G + damping·I")
+    rotated = xp.matrix_transpose(vectors) @ grad
+    return vectors @ (rotated / denominator)

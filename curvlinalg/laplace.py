@@ -13,6 +13,13 @@ after Hoffman & Ribak and Doucet): with ``V = sqrt(n/(Bτ))·G`` and ``U = I + V
 
 has ``Cov(x) = I − V U⁻¹ Vᵀ = τ·Λ⁻¹`` (Woodbury), so ``τ^{-1/2}·x ~ N(0, Λ⁻¹)``. The sample
 is linear in ``(y, z)``; add it to the MAP parameters.
+
+Masks (padding): :func:`sample` and :func:`logdet` take ``mask=`` as the
+:mod:`curvlinalg.woodbury` functions do (one array for every layer or one entry per layer;
+``g_i = Σ_t w_it e_itᵀ a_it``). The Fisher is then ``F = (1/B_eff)·G Gᵀ`` with
+``B_eff = Σ_i max_{l,t} w_lit`` — the number of examples with a kept position in some layer
+for boolean masks (see :func:`curvlinalg.kron.example_count`); fully masked examples count
+for nothing. ``z`` keeps its ``(S, B)`` shape; the entries of masked examples drop out.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from . import _backend, _checks, kron, woodbury
+from . import _backend, _checks, _masks, kron, woodbury
 
 Array = Any
 
@@ -46,17 +53,40 @@ def _cast(value: Any, like: Any) -> Any:
 
 
 def _precision(
-    captures: Sequence[tuple[Array, Array]], prior_precision: Any, n_data: Any, check_finite: bool
+    captures: Sequence[tuple[Array, Array]],
+    prior_precision: Any,
+    n_data: Any,
+    check_finite: bool,
+    mask: Any = None,
 ) -> woodbury.Woodbury:
-    """``Λ = τI + (n/B) GGᵀ`` as a Woodbury factorisation (``damping = τ``)."""
+    """``Λ = τI + (n/B) GGᵀ`` as a Woodbury factorisation (``damping = τ``); with ``mask``
+    the masked ``G`` and ``B = B_eff`` (module docstring)."""
     _check_prior(prior_precision, n_data)
     # Shapes, dtypes and namespaces first (no value scan yet): the batch size below needs them.
-    _, flat, batch = woodbury._layers(captures, check_finite=False)
+    xp, flat, batch = woodbury._layers(captures, check_finite=False, mask=mask)
     like = flat[0][0]
     prior_precision, n_data = _cast(prior_precision, like), _cast(n_data, like)
+    count: Any = max(batch, 1)
+    if mask is not None:
+        count = _masks.nonzero(xp, _example_count(xp, captures, mask, like))
     return woodbury.factorize(
-        captures, prior_precision, n_data / max(batch, 1), check_finite=check_finite
+        captures, prior_precision, n_data / count, check_finite=check_finite, mask=mask
     )
+
+
+def _example_count(xp: Any, captures: Any, mask: Any, like: Array) -> Array:
+    """``B_eff = Σ_i max_{l,t} w_lit`` over the masked layers (an unmasked layer keeps all)."""
+    per_example = None
+    for index, (name, layer_mask) in enumerate(_masks.per_layer(mask, len(captures), "mask")):
+        a = captures[index][0]
+        if layer_mask is None:
+            weights = xp.ones((int(a.shape[0]),), dtype=like.dtype, device=_backend.device(like))
+        else:
+            weights = _masks.weights(xp, name, layer_mask, tuple(a.shape[:-1]), like, "captures")
+            if weights.ndim > 1:
+                weights = xp.max(weights, axis=tuple(range(1, weights.ndim)))
+        per_example = weights if per_example is None else xp.maximum(per_example, weights)
+    return xp.sum(per_example)
 
 
 def sample(
@@ -67,14 +97,16 @@ def sample(
     z: Array,
     *,
     check_finite: bool = True,
+    mask: Any = None,
 ) -> list[Array]:
     r"""Samples of ``N(0, Λ⁻¹)``, ``Λ = τI + (n/B)·G Gᵀ``, with ``B×B`` work only.
 
     ``y``: one ``(S, d_out, d_in)`` standard-normal array per layer; ``z``: ``(S, B)``
     standard normal. Returns one ``(S, d_out, d_in)`` array per layer:
     ``τ^{-1/2} (y − V U⁻¹(Vᵀy + z))`` with ``V = sqrt(n/(Bτ))·G``, ``U = I + VᵀV``.
+    With ``mask`` (module docstring) ``G`` is masked and ``B = B_eff``.
     """
-    precision = _precision(captures, prior_precision, n_data, check_finite)
+    precision = _precision(captures, prior_precision, n_data, check_finite, mask)
     batch = int(precision.lower.shape[0])
     if not isinstance(y, (list, tuple)):
         raise ValueError("y must be a sequence of per-layer (S, d_out, d_in) arrays")
@@ -102,7 +134,9 @@ def sample(
             _checks.finite(xp, f"y[{index}]", noise)
     # U = I + c·GᵀG with c = n/(Bτ) is the factorised matrix of precision (scale/damping = c).
     root = (precision.scale / precision.damping) ** 0.5
-    _, flat, _ = woodbury._layers(precision.captures, check_finite=False)
+    _, flat, _ = woodbury._layers(
+        precision.captures, check_finite=False, mask=precision.mask or None
+    )
     projected = root * woodbury._rmatvec(xp, flat, batch, y, precision.explicit) + z  # (S, B)
     weights = woodbury._cholesky_solve(xp, precision.lower, projected)
     correction = woodbury._matvec(xp, flat, batch, weights, precision.explicit)
@@ -116,10 +150,12 @@ def logdet(
     n_data: float | Array,
     *,
     check_finite: bool = True,
+    mask: Any = None,
 ) -> Array:
     r"""``log det Λ = D·log τ + log det(I_B + (n/(Bτ))·GᵀG)`` (matrix determinant lemma),
-    ``D`` the number of parameters. Returns a 0-d array."""
-    return woodbury.logdet(_precision(captures, prior_precision, n_data, check_finite))
+    ``D`` the number of parameters. Returns a 0-d array. With ``mask`` (module docstring)
+    ``G`` is masked and ``B = B_eff``; fully masked examples add ``log 1 = 0``."""
+    return woodbury.logdet(_precision(captures, prior_precision, n_data, check_finite, mask))
 
 
 def _kron_spectrum(a: Array, g: Array, prior_precision: Any, n_data: Any, check_finite: bool):

@@ -11,6 +11,16 @@ gradient ``u`` needs only ``B×B`` work:
 ``Gw`` are contracted directly from the captures, exactly also for captures with positions
 ``(B, T, ·)`` (convolutions, sequences).
 
+Masks (padding): every function that takes captures takes ``mask=`` — ``None``, one array
+for every layer, or a sequence of per-layer arrays (``None`` = unmasked) of the layers'
+leading shapes ``(B,)`` or ``(B, T)``, boolean or weights ``w ≥ 0``. The per-example
+gradients are then ``g_i = Σ_t w_it e_itᵀ a_it``: positions of weight zero contribute nothing
+to ``G`` (their captures may hold anything, even NaN), and an example with no kept position
+is a zero column of ``G``. Products stay unnormalised; the masked subsampled Fisher is
+``F = (1/B_eff)·G Gᵀ`` with ``B_eff`` from :func:`curvlinalg.kron.example_count`, i.e.
+``scale = 1/B_eff``. :func:`factorize` keeps the mask in :attr:`Woodbury.mask`, so that
+:func:`solve` and :func:`solve_span` use the same masked ``G``.
+
 Fisher types are a matter of what ``e`` holds (see :mod:`curvlinalg.fisher`): gradients for
 labels sampled from the model (MC Fisher), for the data labels (empirical Fisher), or for
 every class weighted by ``√p`` (exact Fisher: ``B·C`` rows, inputs repeated per class, and
@@ -23,7 +33,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from . import _backend, _checks
+from . import _backend, _checks, _masks
 
 Array = Any
 Captures = Sequence[tuple[Array, Array]]
@@ -53,6 +63,8 @@ class Woodbury(NamedTuple):
     flattening) when :func:`factorize` formed them for the Gram because that was cheaper (layers
     with many positions ``T``), else ``None``; :func:`solve` then contracts with them instead
     of with the ``B·T`` capture rows.
+    ``mask`` holds the per-layer masks given to :func:`factorize` (``None`` for an unmasked
+    layer), or ``()`` when no layer was masked; every solve applies them to ``captures``.
     """
 
     captures: tuple[tuple[Array, Array], ...]
@@ -60,14 +72,23 @@ class Woodbury(NamedTuple):
     scale: Array | float
     lower: Array
     explicit: tuple[Array | None, ...] = ()
+    mask: tuple[Array | None, ...] = ()
 
 
 def _layers(
-    captures: Captures, *, check_finite: bool, name: str = "captures"
+    captures: Captures,
+    *,
+    check_finite: bool,
+    name: str = "captures",
+    mask: Any = None,
+    mask_name: str = "mask",
 ) -> tuple[Any, list, int]:
     """Validate captures; return the namespace, ``[(a2, e2, T)]`` flattened to rows, and B.
 
-    ``name`` is the user's argument, for the error messages."""
+    With ``mask`` (``None``, one array, or one entry per layer; see :mod:`curvlinalg._masks`)
+    the rows are masked: ``a`` zeroed and ``e`` multiplied by the weights (zeroed where the
+    weight is 0), so that every contraction sees ``g_i = Σ_t w_it e_itᵀ a_it``. ``name`` and
+    ``mask_name`` are the user's arguments, for the error messages."""
     if not isinstance(captures, (list, tuple)) or len(captures) == 0:
         raise ValueError(f"{name} must be a non-empty sequence of (a, e) pairs, one per layer")
     named: list[tuple[str, Array]] = []
@@ -75,11 +96,12 @@ def _layers(
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise ValueError(f"{name}[{index}] must be an (a, e) pair")
         named += [(f"{name}[{index}][0] (a)", pair[0]), (f"{name}[{index}][1] (e)", pair[1])]
+    layer_masks = _masks.per_layer(mask, len(captures), mask_name)
     xp = _backend.namespace(*named)
     _checks.same_dtype(named)
     flat = []
     batch = None
-    for index, (a, e) in enumerate(captures):
+    for index, ((a, e), (where_mask, layer_mask)) in enumerate(zip(captures, layer_masks)):
         where = f"{name}[{index}]"
         _checks.floating(xp, f"{where} (a)", a)
         if a.ndim not in (2, 3) or e.ndim != a.ndim:
@@ -98,6 +120,10 @@ def _layers(
             raise ValueError(
                 f"{where}: batch size {int(a.shape[0])} differs from {name}[0]'s {batch}"
             )
+        if layer_mask is not None:
+            weights = _masks.weights(xp, where_mask, layer_mask, tuple(a.shape[:-1]), a, where)
+            a = _masks.apply(xp, a, weights, scale=False)
+            e = _masks.apply(xp, e, weights, scale=True)
         if check_finite:
             _checks.finite(xp, f"{where} (a)", a)
             _checks.finite(xp, f"{where} (e)", e)
@@ -135,14 +161,15 @@ def _vectors(xp: Any, flat: list, vectors: Sequence[Array], name: str) -> list[A
     return list(vectors)
 
 
-def per_example(captures: Captures, *, check_finite: bool = True) -> list[Array]:
+def per_example(captures: Captures, *, check_finite: bool = True, mask: Any = None) -> list[Array]:
     r"""The explicit per-example gradients ``g_i = Σ_t e_itᵀ a_it``, one ``(B, d_out, d_in)``
     array per layer.
 
     Costs ``B·d_out·d_in`` memory per layer; :func:`gram`, :func:`rmatvec` and :func:`matvec`
-    avoid it.
+    avoid it. With ``mask`` (module docstring) ``g_i = Σ_t w_it e_itᵀ a_it``; a fully masked
+    example gives a zero gradient.
     """
-    xp, flat, batch = _layers(captures, check_finite=check_finite)
+    xp, flat, batch = _layers(captures, check_finite=check_finite, mask=mask)
     result = []
     for rows_a, rows_e, positions in flat:
         a3 = xp.reshape(rows_a, (batch, positions, int(rows_a.shape[1])))
@@ -185,20 +212,31 @@ def _gram_and_explicit(
     return (total + xp.matrix_transpose(total)) / 2, tuple(explicit)
 
 
-def gram(captures: Captures, *, method: str = "auto", check_finite: bool = True) -> Array:
+def gram(
+    captures: Captures, *, method: str = "auto", check_finite: bool = True, mask: Any = None
+) -> Array:
     r"""The ``B×B`` Gram matrix ``GᵀG``: entries ``Σ_layers ⟨g_i, g_j⟩``.
 
     For captures ``(B, d)`` it is ``Σ_layers (a aᵀ) ⊙ (e eᵀ)``. With positions ``(B, T, d)``
     it is ``Σ_layers Σ_{t,s} (a_it·a_js)(e_it·e_js)``, exact. Per layer, ``method="auto"``
     picks the cheaper of the implicit contraction (``T²(d_in + d_out)`` per pair of examples)
     and materialising the per-example gradients (``d_in·d_out`` per pair); ``"implicit"`` and
-    ``"materialize"`` force one.
+    ``"materialize"`` force one. With ``mask`` (module docstring) the entries are
+    ``Σ_layers Σ_{t,s} w_it w_js (a_it·a_js)(e_it·e_js)``: fully masked examples give zero
+    rows and columns.
     """
-    xp, flat, batch = _layers(captures, check_finite=check_finite)
+    xp, flat, batch = _layers(captures, check_finite=check_finite, mask=mask)
     return _gram_and_explicit(xp, flat, batch, method)[0]
 
 
-def cross_gram(captures: Captures, other: Captures, *, check_finite: bool = True) -> Array:
+def cross_gram(
+    captures: Captures,
+    other: Captures,
+    *,
+    check_finite: bool = True,
+    mask: Any = None,
+    other_mask: Any = None,
+) -> Array:
     r"""``GᵀH``: the ``(B, B')`` Gram between the per-example gradients of two capture sets of
     the same layers, entries ``Σ_layers ⟨g_i, h_j⟩ = Σ_layers Σ_{t,s} (a_it·a'_js)(e_it·e'_js)``.
 
@@ -207,9 +245,14 @@ def cross_gram(captures: Captures, other: Captures, *, check_finite: bool = True
     ``B·B'·T²·(d_in + d_out)`` per layer instead of the ``B·T·d_in·d_out`` of forming ``u`` and
     calling :func:`rmatvec` — the cheaper choice whenever ``B'·T·(d_in + d_out) < d_in·d_out``
     (a Fisher from an independent batch, Benzing 2022, App. E.5).
+
+    ``mask`` masks ``captures`` and ``other_mask`` masks ``other`` (module docstring):
+    ``Σ_layers Σ_{t,s} w_it w'_js (a_it·a'_js)(e_it·e'_js)``.
     """
-    xp, flat, batch = _layers(captures, check_finite=check_finite)
-    xp_other, flat_other, batch_other = _layers(other, check_finite=check_finite, name="other")
+    xp, flat, batch = _layers(captures, check_finite=check_finite, mask=mask)
+    xp_other, flat_other, batch_other = _layers(
+        other, check_finite=check_finite, name="other", mask=other_mask, mask_name="other_mask"
+    )
     _backend.namespace(("captures", flat[0][0]), ("other", flat_other[0][0]))
     _checks.same_dtype([("captures", flat[0][0]), ("other", flat_other[0][0])])
     if len(flat) != len(flat_other):
@@ -247,14 +290,17 @@ def _layer_cross_gram(xp: Any, layer: tuple, other: tuple) -> Array:
     return product
 
 
-def rmatvec(captures: Captures, vectors: Sequence[Array], *, check_finite: bool = True) -> Array:
+def rmatvec(
+    captures: Captures, vectors: Sequence[Array], *, check_finite: bool = True, mask: Any = None
+) -> Array:
     r"""``Gᵀu``: entries ``Σ_layers ⟨g_i, u_layer⟩ = Σ_layers Σ_t e_itᵀ u_layer a_it``.
 
     ``vectors``: one ``(d_out, d_in)`` array per layer, or ``(K, d_out, d_in)`` for ``K``
     right-hand sides at once. Returns ``(B,)`` (or ``(K, B)``). Costs ``B·T·d_out·d_in`` per
-    layer and right-hand side; no per-example gradient is formed.
+    layer and right-hand side; no per-example gradient is formed. With ``mask`` (module
+    docstring) the entries are ``Σ_layers Σ_t w_it e_itᵀ u_layer a_it``.
     """
-    xp, flat, batch = _layers(captures, check_finite=check_finite)
+    xp, flat, batch = _layers(captures, check_finite=check_finite, mask=mask)
     vectors = _vectors(xp, flat, vectors, "vectors")
     if check_finite:
         for index, vector in enumerate(vectors):
@@ -280,13 +326,16 @@ def _rmatvec(xp: Any, flat: list, batch: int, vectors: Sequence[Array], explicit
     return total
 
 
-def matvec(captures: Captures, w: Array, *, check_finite: bool = True) -> list[Array]:
+def matvec(
+    captures: Captures, w: Array, *, check_finite: bool = True, mask: Any = None
+) -> list[Array]:
     r"""``Gw = Σ_i w_i g_i`` per layer: ``Σ_{i,t} w_i e_itᵀ a_it``.
 
     ``w``: ``(B,)`` or ``(K, B)``. Returns one ``(d_out, d_in)`` (or ``(K, d_out, d_in)``)
-    array per layer, without forming per-example gradients.
+    array per layer, without forming per-example gradients. With ``mask`` (module
+    docstring, weights ``m_it``) it is ``Σ_{i,t} w_i m_it e_itᵀ a_it``.
     """
-    xp, flat, batch = _layers(captures, check_finite=check_finite)
+    xp, flat, batch = _layers(captures, check_finite=check_finite, mask=mask)
     _backend.namespace(("captures", flat[0][0]), ("w", w))
     _checks.same_dtype([("captures", flat[0][0]), ("w", w)])
     if w.ndim not in (1, 2) or int(w.shape[-1]) != batch:
@@ -327,6 +376,7 @@ def factorize(
     scale: float | Array = 1.0,
     *,
     check_finite: bool = True,
+    mask: Any = None,
 ) -> Woodbury:
     r"""Factorise ``damping·I + scale·G Gᵀ`` for repeated solves (:func:`solve`).
 
@@ -334,10 +384,15 @@ def factorize(
     symmetric positive definite for ``damping > 0``, ``scale ≥ 0``). For the damped
     subsampled Fisher ``λI + F`` of a batch, ``scale = 1/B``. The captures must be float32 or
     float64 (the factorisation has no half-precision kernels; cast them up first).
+
+    ``mask`` (module docstring): ``G`` is the masked one, and the mask is kept in the result
+    (:attr:`Woodbury.mask`) for :func:`solve` and :func:`solve_span`. For the masked Fisher
+    use ``scale = 1/B_eff`` (:func:`curvlinalg.kron.example_count`); fully masked examples
+    are zero columns of ``G`` and change nothing.
     """
     _checks.scalar("damping", damping, minimum=0.0, strict=True)
     _checks.scalar("scale", scale, minimum=0.0)
-    xp, flat, batch = _layers(captures, check_finite=check_finite)
+    xp, flat, batch = _layers(captures, check_finite=check_finite, mask=mask)
     like = flat[0][0]
     _checks.linalg_dtype(xp, "captures[0][0] (a)", like)
     _backend.namespace(("captures", like), ("damping", damping), ("scale", scale))
@@ -349,14 +404,24 @@ def factorize(
         raise _checks.NotPositiveDefiniteError(
             "I + (scale/damping)·GᵀG is not positive definite; check the captures' scale"
         )
-    return Woodbury(tuple((a, e) for a, e in captures), damping, scale, lower, explicit)
+    stored_mask = _masks.stored(_masks.per_layer(mask, len(captures), "mask"))
+    return Woodbury(
+        tuple((a, e) for a, e in captures), damping, scale, lower, explicit, stored_mask
+    )
 
 
 def _factorized(woodbury: Any) -> tuple[Any, list, int]:
     """Validate a :class:`Woodbury` argument; return its namespace, flattened captures and B."""
     if not isinstance(woodbury, Woodbury):
         raise ValueError(f"woodbury must be a Woodbury from factorize(); got {type(woodbury)}")
-    xp, flat, batch = _layers(woodbury.captures, check_finite=False, name="woodbury.captures")
+    stored_mask = woodbury.mask if len(woodbury.mask) else None
+    xp, flat, batch = _layers(
+        woodbury.captures,
+        check_finite=False,
+        name="woodbury.captures",
+        mask=stored_mask,
+        mask_name="woodbury.mask",
+    )
     _checks.linalg_dtype(xp, "woodbury.captures[0][0] (a)", flat[0][0])
     lower = woodbury.lower
     if not hasattr(lower, "shape") or tuple(lower.shape) != (batch, batch):
@@ -379,7 +444,8 @@ def solve(
     and ``s‖G‖²/λ`` is large, digits are lost (2 % relative error in float32 at
     ``s‖G‖²/λ ≈ 10⁵``). For the batch's own gradient, ``u = G·(1/B)``, use
     :func:`solve_span`, which has no such cancellation; ``solve`` is for gradients of an
-    independent batch.
+    independent batch. A masked factorisation (``factorize(..., mask=)``) solves with its
+    masked ``G``.
     """
     xp, flat, batch = _factorized(woodbury)
     vectors = _vectors(xp, flat, vectors, "vectors")
@@ -414,7 +480,9 @@ def solve_span(
     ``1/B``), so the natural gradient of the batch that built the Fisher costs the Gram, a
     ``B×B`` Cholesky solve and one :func:`matvec`: no ``Gᵀu`` pass over the parameters and no
     parameter-sized temporaries. ``coefficients``: ``(B,)`` or ``(K, B)``; returns one
-    ``(d_out, d_in)`` (or ``(K, d_out, d_in)``) array per layer, like :func:`solve`.
+    ``(d_out, d_in)`` (or ``(K, d_out, d_in)``) array per layer, like :func:`solve`. ``G`` is
+    the factorisation's masked one when it has a mask; the masked batch's mean gradient is
+    ``G c`` with ``c = 1/B_eff``.
     """
     xp, flat, batch = _factorized(woodbury)
     _backend.namespace(("captures", flat[0][0]), ("coefficients", coefficients))
@@ -448,19 +516,26 @@ def factorize_layers(
     scale: float | Array = 1.0,
     *,
     check_finite: bool = True,
+    mask: Any = None,
 ) -> list[Woodbury]:
     r"""Layer-wise (block-diagonal) version of :func:`factorize`: one :class:`Woodbury` per
     layer, representing ``damping·I + scale·G_l G_lᵀ`` — the matrix with the cross-layer
-    blocks of ``G Gᵀ`` set to zero."""
-    xp, flat, _ = _layers(captures, check_finite=check_finite)
+    blocks of ``G Gᵀ`` set to zero. ``mask`` as for :func:`factorize` (one array for every
+    layer, or one entry per layer); each result keeps its layer's mask."""
+    xp, flat, _ = _layers(captures, check_finite=check_finite, mask=mask)
     _checks.linalg_dtype(xp, "captures[0][0] (a)", flat[0][0])
-    return [factorize([pair], damping, scale, check_finite=False) for pair in captures]
+    layer_masks = _masks.per_layer(mask, len(captures), "mask")
+    return [
+        factorize([pair], damping, scale, check_finite=False, mask=[layer_mask])
+        for pair, (_, layer_mask) in zip(captures, layer_masks)
+    ]
 
 
 def solve_layers(
     woodburys: Sequence[Woodbury], vectors: Sequence[Array], *, check_finite: bool = True
 ) -> list[Array]:
-    """Solve with the block-diagonal matrix of :func:`factorize_layers`, layer by layer."""
+    """Solve with the block-diagonal matrix of :func:`factorize_layers`, layer by layer
+    (each with the mask its :class:`Woodbury` keeps)."""
     if not isinstance(vectors, (list, tuple)) or len(vectors) != len(woodburys):
         raise ValueError(f"vectors must hold one array per layer ({len(woodburys)})")
     return [solve(w, [u], check_finite=check_finite)[0] for w, u in zip(woodburys, vectors)]
