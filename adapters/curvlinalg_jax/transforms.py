@@ -66,9 +66,10 @@ incoming updates, the captures, the new state (a factor that overflows, a Choles
 transformation returns its old state bit for bit (``count`` included) and **zero** updates for
 every leaf (a skipped step, not an error: under ``jit`` there is nothing to raise). A
 following ``optax.sgd`` then moves nothing; a following ``optax.adamw`` still applies its
-weight decay and decays its moments by the zero step, so wrap the whole chain in
-``optax.apply_if_finite`` (which sees finite zero updates) only to count skipped steps, or
-check the loss yourself. One trace serves both outcomes (``jnp.where``).
+weight decay and decays its moments by the zero step. An ``optax.apply_if_finite`` around
+the chain does not see these steps (the updates are finite zeros): count skipped steps with
+the preconditioner's ``state.count``, which does not advance. One trace serves both
+outcomes (``jnp.where``).
 
 All formulas are ``curvlinalg``'s, called on JAX arrays.
 """
