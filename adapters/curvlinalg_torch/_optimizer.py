@@ -449,7 +449,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"layer {layer.name!r} has no captured {which}")
         return x if x.dtype == self.factor_dtype else x.to(self.factor_dtype)
 
-    def _fold_factor(self, state: dict[str, Tensor], key: str, x: Tensor, scale: float) -> None:
+    def _fold_factor(
+        self,
+        state: dict[str, Tensor],
+        key: str,
+        x: Tensor,
+        scale: float,
+        count: float | None = None,
+    ) -> None:
         r"""In place: ``state[key] ← kron.ema(state[key], scale·kron.factor(x), ema_decay)``.
 
         ``x`` is ``(B, d)`` or ``(B, T, d)``; ``kron.factor(x) = xᵀx/(B·T)``. The product and
@@ -461,9 +468,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         Only the block-upper-triangular part is computed (:func:`_symmetric_rank_k`, about
         ``(k+1)/2k`` of the GEMM's work with ``k`` row panels: PyTorch has no ``syrk``); the
         stored matrix is valid in its upper triangle, and :meth:`factor` mirrors it.
+
+        ``count`` replaces the number of rows ``B·T`` in ``α`` (a masked batch: its masked
+        rows are zero and the mean is over the kept ones, ``kron.factor(x, mask=…)``).
         """
         rows = x.reshape(-1, x.shape[-1])
-        alpha = scale / rows.shape[0]
+        alpha = scale / (rows.shape[0] if count is None else count)
         average = state.get(key)
         if average is None:
             size = rows.shape[1]
@@ -497,6 +507,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         (positions summed, examples averaged; KFC's scale for convolutions), at the padded
         width of :meth:`_padded_a`."""
         a = self._padded_a(layer)
+        mask = layer.mask
+        if mask is not None:
+            # kron.input_factor(a, mask=…): Σ over kept positions / B_eff (the examples with a
+            # kept position); the inputs at padded positions are not zero, so zero them here.
+            _, examples = layer.mask_counts()
+            a = torch.where(mask[..., None], a, a.new_zeros(()))
+            self._fold_factor(state, "A", a, 1.0, count=examples)
+            return
         self._fold_factor(state, "A", a, 1.0 if a.ndim == 2 else float(a.shape[1]))
 
     def _padded_a(self, layer: LayerCapture) -> Tensor:
@@ -572,9 +590,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ the step
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients and forget the captures of earlier forward passes."""
+        """Zero the gradients and forget the captures of earlier forward passes (and the
+        mask of :meth:`set_mask`)."""
         super().zero_grad(set_to_none=set_to_none)
         self.capture.clear()
+
+    def set_mask(self, mask: Tensor | None) -> None:
+        """The positions that count for the next step: a boolean tensor of the model
+        output's leading shape (``(B, T)`` for ``(B, T, C)`` logits; ``True`` = counts, e.g.
+        ``labels != -100``), or ``None``. Call it after ``zero_grad()`` and before the
+        forward (the MC/exact Fisher's backward runs in the forward hook); the step uses it
+        and forgets it. Masked positions add nothing to the factors, the Fisher's errors or
+        the captured gradients (:meth:`curvlinalg_torch.capture.Capture.set_mask`)."""
+        self.capture.set_mask(mask)
 
     def _active_layers(self) -> list[tuple[int, LayerCapture]]:
         """The layers preconditioned at this step: recorded calls (a layer called several

@@ -70,6 +70,35 @@ Cost model (why the capture is built this way)
   (batch 512, factors every 30 steps) that made a K-FAC step about as cheap as an SGD step,
   from 2.4× before (one thread, ``bench/README.md``).
 
+Sequences and padding masks
+---------------------------
+:meth:`Capture.backward_sampled` and :meth:`Capture.backward_errors` take language-model
+outputs too: ``(B, T, C)`` logits (per-token cross-entropy, ``B·T`` softmax outputs, labels
+drawn as ``(B, T)``; ``curvlinalg.fisher``'s sequence convention: the per-example loss of a
+sequence is the **sum** of its token losses). :meth:`Capture.set_mask` gives the positions
+that count: a boolean tensor of the model output's leading shape (``(B,)`` or ``(B, T)``,
+``True`` = counts; e.g. ``labels != -100`` for a loss with ``ignore_index=-100``), kept until
+:meth:`Capture.clear`. With a mask:
+
+* the sampled/explicit errors of :meth:`Capture.backward_sampled` are exactly zero at masked
+  output positions (``curvlinalg.fisher``'s ``mask=``);
+* every layer's :attr:`LayerCapture.e` and :attr:`LayerCapture.e_sampled` are zero at masked
+  positions, so masked positions add nothing to gradients (:meth:`LayerCapture.gradient`) or
+  Grams built from the captures; in the usual setups (the masked tokens are ignored by the
+  loss and not attended by kept positions: a key padding mask, or causal attention with
+  right padding) these errors are zero anyway and the gradient is the loss's;
+* :attr:`LayerCapture.mask` is the mask in the layer's own layout (the leading shape of
+  :attr:`LayerCapture.a`), for the core's ``mask=`` (``kron.input_factor``, ``kron.factor``,
+  ``kron.eigen_correction``): the layer's inputs ``a`` are *not* zeroed (in a transformer the
+  inputs at padded positions are not zero), the factors must be given the mask.
+
+Layer layouts: a layer whose captures have the output's leading shape ``(B, T)`` gets the
+mask itself; a ``(B, d)`` layer (one row per example, e.g. a head after pooling) gets
+``mask.any(-1)`` (an example with no kept position is dropped); a ``(B,)`` mask is repeated
+over a layer's positions; a convolution gets its example's entry at every output position; a
+weight-shared layer (``repeated_calls="positions"``) gets one copy per call. Any other layout
+(positions that are not the output's) is refused, naming the layer.
+
 Limits: one capture per module at a time (a capture that is garbage collected releases its
 hooks; :meth:`Capture.remove` does it at once); no double backward through a captured layer
 (``create_graph=True``); ``torch.func`` transforms are not supported inside a capture. A layer
@@ -498,7 +527,8 @@ class LayerCapture:
         if any(part is None for part in raw):
             return None
         parts = []
-        for grad in raw:
+        mask = self.capture.mask
+        for call, grad in zip(self._calls, raw):
             if self.kind == "linear":
                 rows = grad[None] if grad.ndim == 1 else grad
                 if rows.ndim > 3:
@@ -506,6 +536,10 @@ class LayerCapture:
             else:
                 grad = grad[None] if grad.ndim == 3 else grad
                 rows = grad.flatten(2).mT  # (B, T, C_out)
+            if mask is not None:
+                # Masked positions contribute nothing (zero rows, whatever autograd gave).
+                keep = self._call_mask(call, mask)
+                rows = torch.where(keep[..., None], rows, rows.new_zeros(()))
             parts.append(rows.contiguous())
         result = self._join(parts)
         self._cache[key] = result
@@ -515,7 +549,8 @@ class LayerCapture:
     def e(self) -> Tensor | None:
         """Per-example errors of the data backward: ``(B, d_out)`` or ``(B, T, d_out)``, the
         gradient of each example's own loss w.r.t. the layer output (``None`` before the
-        backward, or with ``errors=False``)."""
+        backward, or with ``errors=False``); zero at positions masked by
+        :meth:`Capture.set_mask`."""
         return self._errors("e", "errors")
 
     @property
@@ -535,6 +570,73 @@ class LayerCapture:
         """Whether every recorded call has errors of a sampled / explicit-error backward."""
         calls = self._calls
         return bool(calls) and all(call.sampled_errors is not None for call in calls)
+
+    @property
+    def mask(self) -> Tensor | None:
+        """The mask of :meth:`Capture.set_mask` in this layer's layout: a boolean tensor of
+        the leading shape of :attr:`a` (``(B,)`` or ``(B, T)``), or ``None`` without a mask
+        (see the module docstring, "Sequences and padding masks")."""
+        mask = self.capture.mask
+        if mask is None:
+            return None
+        cached = self._cache.get("mask")
+        if cached is None:
+            parts = [self._call_mask(call, mask) for call in self._require_calls()]
+            if len(parts) == 1:
+                cached = parts[0]
+            elif self.capture.repeated_calls == "examples":
+                cached = torch.cat(parts, dim=0)
+            else:
+                self._same_batch()
+                cached = torch.cat([part if part.ndim == 2 else part[:, None] for part in parts], 1)
+            self._cache["mask"] = cached
+        return cached
+
+    def mask_counts(self) -> tuple[float, float]:
+        """``(N_kept, B_eff)``: the kept rows of :attr:`a` and the examples with a kept row
+        (``B_eff`` as in ``curvlinalg.kron.example_count``), each at least 1 (an all-masked
+        batch divides zeros by 1, the core's convention); ``(B·T, B)`` without a mask. One
+        host sync."""
+        mask = self.mask
+        if mask is None:
+            return float(self.rows), float(self.batch_size)
+        counts = torch.stack([mask.sum(), mask.reshape(mask.shape[0], -1).any(-1).sum()])
+        kept, examples = (max(float(value), 1.0) for value in counts.tolist())
+        return kept, examples
+
+    def _leading(self, call: _Call) -> tuple[int, ...]:
+        """The leading shape of one call's rows of :attr:`a` / :attr:`e`."""
+        if self.kind == "linear":
+            shape = call.inputs.shape
+            if len(shape) == 1:
+                return (1,)
+            if len(shape) == 2:
+                return (int(shape[0]),)
+            return (int(shape[0]), math.prod(int(size) for size in shape[1:-1]))
+        errors = call.errors if call.errors is not None else call.sampled_errors
+        if errors is not None:
+            batch = int(errors.shape[0]) if errors.ndim == 4 else 1
+            return (batch, int(errors.shape[-2]) * int(errors.shape[-1]))
+        return tuple(int(size) for size in self._unfold(call.inputs).shape[:-1])
+
+    def _call_mask(self, call: _Call, mask: Tensor) -> Tensor:
+        """The capture's mask in the layout of one call's rows (module docstring rules)."""
+        leading = self._leading(call)
+        mask = mask.to(call.inputs.device)  # no copy when it is there already
+        examples = mask if mask.ndim == 1 else mask.any(-1)
+        if self.kind == "conv2d" or (mask.ndim == 1 and len(leading) == 2):
+            if int(examples.shape[0]) == leading[0]:
+                return examples[:, None].expand(leading)
+        elif tuple(mask.shape) == leading:
+            return mask
+        elif len(leading) == 1 and int(mask.shape[0]) == leading[0]:
+            return examples
+        raise ValueError(
+            f"the mask has shape {tuple(mask.shape)} (the model output's positions) but layer "
+            f"{self.name!r} has captures of leading shape {leading}: a mask applies to layers "
+            "with the output's positions (B, T) or one row per example (B,); restrict layers= "
+            "or give no mask"
+        )
 
     @property
     def rows(self) -> int:
@@ -586,10 +688,19 @@ class LayerCapture:
             return (e.reshape(-1, self.d_out).mT @ a.reshape(-1, self.d_in)) * scale  # type: ignore[union-attr]
         weight = self.module.weight.detach()
         total = None
+        mask = self.capture.mask
         for call in self._calls:
             self._check_unmodified(call)
+            errors = call.errors
+            if mask is not None:
+                keep = self._call_mask(call, mask)[:, 0]  # one entry per example
+                errors = torch.where(
+                    keep.reshape(-1, 1, 1, 1) if errors.ndim == 4 else keep.reshape(1, 1, 1),
+                    errors,
+                    errors.new_zeros(()),
+                )
             _, grad_w, grad_b = self._backward(
-                call.errors, call.inputs, weight, (False, True, self.has_bias)
+                errors, call.inputs, weight, (False, True, self.has_bias)
             )
             columns = grad_w.reshape(self.d_out, -1)
             if grad_b is not None:
@@ -744,6 +855,8 @@ class Capture:
         self.weight_grads = weight_grads
         self.repeated_calls: RepeatedCalls = repeated_calls
         self.enabled = True
+        #: The positions that count (:meth:`set_mask`), or ``None``.
+        self.mask: Tensor | None = None
         self._sampled_pass = False
         self.layers: list[LayerCapture] = []
         for name, module in chosen:
@@ -768,9 +881,41 @@ class Capture:
         self.remove()
 
     def clear(self) -> None:
-        """Forget every recorded call (and the tensors it references)."""
+        """Forget every recorded call (and the tensors it references) and the mask."""
+        self.mask = None
         for layer in self.layers:
             layer._clear()
+
+    def set_mask(self, mask: Tensor | None) -> None:
+        r"""The positions that count for the captures of this pass (until :meth:`clear`).
+
+        ``mask``: a boolean tensor of the model output's leading shape — ``(B, T)`` for
+        ``(B, T, C)`` language-model logits, ``(B,)`` for ``(B, C)`` — ``True`` where the
+        position counts (e.g. ``labels != -100`` for a loss with ``ignore_index=-100``), or
+        ``None`` (everything counts). Masked positions contribute nothing to the errors of
+        :meth:`backward_sampled`, to any layer's :attr:`LayerCapture.e` /
+        :attr:`LayerCapture.e_sampled` (zero rows) and, through :attr:`LayerCapture.mask`,
+        to factors (see the module docstring). Set it before :meth:`backward_sampled` /
+        :meth:`backward_errors` and before reading captures; it may be set before or after
+        the forward.
+        """
+        if mask is not None:
+            if not isinstance(mask, Tensor):
+                raise TypeError(f"mask must be a torch.Tensor or None; got {type(mask).__name__}")
+            if mask.dtype != torch.bool:
+                raise ValueError(
+                    "mask must be a boolean tensor (True = the position counts; for labels "
+                    f"with ignore_index use labels != ignore_index); got dtype {mask.dtype}"
+                )
+            if mask.ndim not in (1, 2):
+                raise ValueError(
+                    "mask must have the model output's leading shape, (B,) or (B, T); got "
+                    f"shape {tuple(mask.shape)}"
+                )
+        self.mask = mask
+        for layer in self.layers:
+            for key in ("e", "e_sampled", "mask"):
+                layer._cache.pop(key, None)
 
     def remove(self) -> None:
         """Remove the hooks (the capture cannot record afterwards) and clear."""
@@ -841,23 +986,52 @@ class Capture:
         for layer in self.layers:
             layer._cache.pop("e_sampled", None)
 
-    def backward_sampled(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        r"""MC-Fisher errors: sample ``ỹ_i ~ softmax(z_i)`` and back-propagate
-        ``∂ℓ(z_i, ỹ_i)/∂z_i = softmax(z_i) − onehot(ỹ_i)`` (cross-entropy) with
-        :meth:`backward_errors`.
+    def backward_sampled(
+        self,
+        logits: Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        r"""MC-Fisher errors: sample ``ỹ ~ softmax(z)`` and back-propagate
+        ``∂ℓ(z, ỹ)/∂z = softmax(z) − onehot(ỹ)`` (cross-entropy) with :meth:`backward_errors`.
 
-        ``logits``: ``(B, C)``. Labels come from ``curvlinalg.fisher.sample_labels`` with
-        uniform draws of ``torch.rand(B, generator=generator)`` (computed in float32 at
-        least). Returns the sampled labels ``(B,)``.
+        ``logits``: ``(B, C)``, or ``(B, T, C)`` language-model logits (one label per token:
+        the per-example loss is the sum of the token losses). Labels come from
+        ``curvlinalg.fisher.sample_labels`` with uniform draws of
+        ``torch.rand(B, generator=generator)`` (``torch.rand(B, T, …)`` for sequences;
+        drawn at masked positions too, so the stream does not depend on the mask; computed
+        in float32 at least). ``mask``: the positions that count (default the capture's,
+        :meth:`set_mask`), of the logits' leading shape; masked positions get label 0 and
+        exactly zero errors. Returns the sampled labels ``(B,)`` or ``(B, T)``.
         """
-        if logits.ndim != 2:
-            raise ValueError(f"logits must be (B, C); got shape {tuple(logits.shape)}")
+        if logits.ndim not in (2, 3):
+            raise ValueError(f"logits must be (B, C) or (B, T, C); got shape {tuple(logits.shape)}")
+        mask = self._output_mask(logits, mask)
         detached = logits.detach()
         if detached.dtype not in (torch.float32, torch.float64):
             detached = detached.float()
         uniform = torch.rand(
-            detached.shape[0], generator=generator, dtype=detached.dtype, device=detached.device
+            tuple(detached.shape[:-1]),
+            generator=generator,
+            dtype=detached.dtype,
+            device=detached.device,
         )
-        labels = fisher.sample_labels(detached, uniform)
-        self.backward_errors(logits, fisher.softmax_errors(detached, labels))
+        labels = fisher.sample_labels(detached, uniform, mask)
+        self.backward_errors(logits, fisher.softmax_errors(detached, labels, mask))
         return labels
+
+    def _output_mask(self, logits: Tensor, mask: Tensor | None) -> Tensor | None:
+        """``mask`` (default the capture's), checked against the logits' leading shape."""
+        if mask is None:
+            mask = self.mask
+        if mask is None:
+            return None
+        if tuple(mask.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(
+                f"shape mismatch: the mask has shape {tuple(mask.shape)} but the logits "
+                f"{tuple(logits.shape)} need one entry per position, {tuple(logits.shape[:-1])}"
+            )
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a boolean tensor; got dtype {mask.dtype}")
+        return mask.to(logits.device)

@@ -66,7 +66,8 @@ class EKFAC(KFAC):
 
     Args:
         model: the network (see :class:`FOOF`); for ``fisher="mc"`` its output must be
-            ``(B, C)`` logits.
+            ``(B, C)`` or ``(B, T, C)`` logits; ``set_mask`` as for :class:`KFAC` (the
+            correction is ``kron.eigen_correction(…, mask=…)``).
         lr: learning rate.
         damping: ``λ > 0``, added to every corrected eigenvalue (exact damping of
             ``Q diag(S̄) Qᵀ``; there is no factored split).
@@ -162,6 +163,8 @@ class EKFAC(KFAC):
             kron.Eigh(state["A_values"], state["A_vectors"]),
             kron.Eigh(state["G_values"], state["G_vectors"]),
             check_finite=False,
+            # set_mask: kept positions only, mean over the B_eff examples with one.
+            **({} if layer.mask is None else {"mask": layer.mask}),
         )
 
     def _accumulate(self, layer: LayerCapture, state: dict[str, Tensor]) -> None:

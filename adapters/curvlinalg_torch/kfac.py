@@ -17,8 +17,16 @@ factors. ``fisher`` picks the labels:
 * ``"mc"`` — labels sampled from the model, ``ỹ ~ softmax(z)``: at every forward whose step
   refreshes the factors, the optimizer back-propagates ``softmax(z) − onehot(ỹ)`` from the
   model's output once more (:meth:`Capture.backward_sampled`; ``.grad`` untouched). The model
-  must return the ``(B, C)`` logits of a softmax classifier. Labels come from the optimizer's
-  ``torch.Generator`` (``generator``/``seed``), saved in the state dict.
+  must return the ``(B, C)`` logits of a softmax classifier, or the ``(B, T, C)`` logits of a
+  language model (one label per token; a sequence's loss is the sum of its token losses).
+  Labels come from the optimizer's ``torch.Generator`` (``generator``/``seed``), saved in the
+  state dict.
+
+Padding: ``opt.set_mask(labels != -100)`` (after ``zero_grad()``, before the forward; see
+:meth:`CurvatureOptimizer.set_mask`) drops positions: they get no sampled label, zero errors
+in every layer, and the factors are ``A = Σ_kept a aᵀ / B_eff`` (``kron.input_factor(a,
+mask=…)``, ``B_eff`` the examples with a kept position) and ``G = kron.factor(ẽ, mask=…)``
+(the mean over the kept positions) — the factors of the batch with the padding deleted.
 * ``"empirical"`` — the data labels: ``ẽ`` are the errors of the training loss itself, no
   extra backward.
 
@@ -61,7 +69,7 @@ class KFAC(CurvatureOptimizer):
 
     Args:
         model: the network (see :class:`FOOF`); for ``fisher="mc"`` its output must be
-            ``(B, C)`` logits.
+            ``(B, C)`` or ``(B, T, C)`` logits.
         lr: learning rate.
         damping: ``λ > 0``; with ``damping_rule="factored"`` also a pair ``(λ_A, λ_G)`` of
             explicit factor dampings (no π rule).
@@ -149,11 +157,11 @@ class KFAC(CurvatureOptimizer):
             return
         if not any(self._factor_due(index) for index in range(len(self.capture.layers))):
             return
-        if not isinstance(output, Tensor) or output.ndim != 2:
+        if not isinstance(output, Tensor) or output.ndim not in (2, 3):
             shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
             raise ValueError(
-                f"KFAC(fisher='mc') needs the model to return (B, C) logits; got {shape} "
-                "(use fisher='empirical', or restrict the model)"
+                f"{type(self).__name__}(fisher='mc') needs the model to return (B, C) or "
+                f"(B, T, C) logits; got {shape} (use fisher='empirical', or restrict the model)"
             )
         if not bool(torch.isfinite(output.detach().sum())):
             return  # no labels from non-finite logits; the step will be skipped
@@ -194,9 +202,15 @@ class KFAC(CurvatureOptimizer):
 
     def _accumulate(self, layer: LayerCapture, state: dict[str, Tensor]) -> None:
         self._accumulate_input(layer, state)
-        # G = kron.factor(ẽ): mean over examples and positions.
+        # G = kron.factor(ẽ): mean over examples and positions (over the kept positions with a
+        # mask: ẽ is zero at the masked ones, kron.factor(ẽ, mask=…)).
+        count = layer.mask_counts()[0] if layer.mask is not None else None
         self._fold_factor(
-            state, "G", self._captured(layer, "e_sampled" if self.fisher == "mc" else "e"), 1.0
+            state,
+            "G",
+            self._captured(layer, "e_sampled" if self.fisher == "mc" else "e"),
+            1.0,
+            count=count,
         )
 
     def _has_preconditioner(self, state: dict[str, Tensor]) -> bool:

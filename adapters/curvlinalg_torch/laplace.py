@@ -102,6 +102,16 @@ class Laplace:
         layers: restrict the posterior to these modules (e.g. ``[model.head]`` for a
             last-layer Laplace).
         generator: ``torch.Generator`` for the MC Fisher's label sampling in :meth:`fit`.
+        ignore_index: labels equal to it are padding (as ``F.cross_entropy``'s): their
+            positions are masked out of the Fisher and the log likelihood.
+
+    Language models: the model may return ``(B, T, C)`` logits with ``(B, T)`` labels
+    (per-token cross-entropy; an example is a sequence, its loss the sum of its token
+    losses, ``n`` counts sequences). Positions whose label is ``ignore_index`` are masked
+    (:meth:`curvlinalg_torch.capture.Capture.set_mask`): they add nothing to the Fisher's
+    captures, factors or the log likelihood. With ``"kron"`` and a mask the factors are
+    ``A = Σ_kept a aᵀ / N_kept`` per batch (``kron.factor(a, mask=…)``), weighted by the
+    batch's ``B_eff`` (examples with a kept position), and ``G = Σ_kept e eᵀ / Σ B_eff``.
 
     Usage::
 
@@ -124,6 +134,7 @@ class Laplace:
         fisher: FisherType = "exact",
         layers: Iterable[nn.Module] | None = None,
         generator: torch.Generator | None = None,
+        ignore_index: int = -100,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
@@ -138,6 +149,9 @@ class Laplace:
         self._n_data_arg = None if n_data is None else _positive_number("n_data", n_data)
         self._layers_arg = None if layers is None else list(layers)
         self.generator = generator
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(f"ignore_index must be an int; got {ignore_index!r}")
+        self.ignore_index = ignore_index
         # Filled by fit().
         self._names: list[tuple[str, str | None]] = []  # (weight name, bias name) per layer
         self._modules: list[nn.Module] = []
@@ -188,6 +202,7 @@ class Laplace:
             work = self._map[0].dtype
             log_likelihood: Tensor | None = None
             seen = 0
+            weights = 0.0  # Σ B_eff over the "kron" batches (Σ B without masks)
             sums: list[list[Tensor]] = []
             self._captures = None
             for batch_index, (x, y) in enumerate(_batches(data)):
@@ -197,12 +212,20 @@ class Laplace:
                 curvature = self.structure == "kron" or batch_index == 0
                 with torch.set_grad_enabled(curvature):
                     logits = self.model(x)
-                if logits.ndim != 2:
+                if logits.ndim not in (2, 3):
                     raise ValueError(
-                        f"the model must return logits (B, C); got shape {tuple(logits.shape)}"
+                        "the model must return logits (B, C) or (B, T, C); got shape "
+                        f"{tuple(logits.shape)}"
                     )
                 batch = int(logits.shape[0])
-                loss = F.cross_entropy(logits.detach().to(work), y, reduction="sum")
+                mask = self._mask(logits, y)
+                capture.set_mask(mask)
+                loss = F.cross_entropy(
+                    logits.detach().to(work).flatten(0, -2),
+                    y.flatten(0, -2) if y.is_floating_point() else y.flatten(),
+                    ignore_index=self.ignore_index,
+                    reduction="sum",
+                )
                 log_likelihood = -loss if log_likelihood is None else log_likelihood - loss
                 seen += batch
                 if not curvature:
@@ -215,10 +238,14 @@ class Laplace:
                     self._captures = [(a.detach(), e.detach()) for a, e in pairs]
                     self._rows_per_example = rows
                 else:
-                    for index, (a, e) in enumerate(pairs):
+                    used = [layer for layer in capture.layers if layer.calls]
+                    masks = [layer.mask for layer in used if layer.e_sampled is not None]
+                    weight = float(batch) if mask is None else used[0].mask_counts()[1]
+                    weights += weight
+                    for index, ((a, e), layer_mask) in enumerate(zip(pairs, masks)):
                         # Not under the caller's torch.autocast (its matmuls would be bfloat16).
                         with torch.autocast(a.device.type, enabled=False):
-                            a_sum, g_sum = self._kron_sums(a, e, rows, batch)
+                            a_sum, g_sum = self._kron_sums(a, e, rows, weight, layer_mask)
                         if len(sums) <= index:
                             sums.append([a_sum, g_sum])
                         else:
@@ -230,23 +257,37 @@ class Laplace:
             capture.remove()
             self.model.train(was_training)
         if self.structure == "kron":
-            self._factors = [(a_sum / seen, g_sum / seen) for a_sum, g_sum in sums]
+            self._factors = [(a_sum / weights, g_sum / weights) for a_sum, g_sum in sums]
         self.log_likelihood = log_likelihood
         self.n_seen = seen
         return self
 
+    def _mask(self, logits: Tensor, y: Tensor) -> Tensor | None:
+        """The positions that count: ``y != ignore_index`` for class labels of the logits'
+        leading shape (``None`` when every position counts, or for soft labels)."""
+        if y.is_floating_point() or tuple(y.shape) != tuple(logits.shape[:-1]):
+            return None
+        mask = y != self.ignore_index
+        if logits.ndim == 2 and bool(mask.all()):
+            return None
+        return mask
+
     @staticmethod
-    def _kron_sums(a: Tensor, e: Tensor, rows: int, batch: int) -> tuple[Tensor, Tensor]:
+    def _kron_sums(
+        a: Tensor, e: Tensor, rows: int, batch: float, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Batch sums ``N·A_batch`` and ``N·G_batch`` of the factors (see module docstring):
-        ``kron.factor`` is the mean over all leading axes, so multiply back by the count."""
-        positions = 1 if a.ndim == 2 else int(a.shape[1])
+        ``kron.factor`` is the mean over all leading axes, so multiply back by the count.
+        With a mask (in ``a``'s layout; ``e`` is zero at masked positions) ``batch`` is
+        ``B_eff`` and ``A_batch = kron.factor(a, mask=mask)``, the mean over kept rows."""
         if rows > 1:
             # Exact Fisher: the inputs are repeated per class; take each example once.
             a = a[::rows]
-        a_sum = kron.factor(a, check_finite=False) * batch
+        masked = {} if mask is None else {"mask": mask}
+        a_sum = kron.factor(a, check_finite=False, **masked) * batch
         # Σ over examples, class rows and positions of e eᵀ: the mean over the leading axes of
         # e (B·rows·T of them) times their count.
-        g_sum = kron.factor(e, check_finite=False) * (batch * rows * positions)
+        g_sum = kron.factor(e, check_finite=False) * math.prod(int(size) for size in e.shape[:-1])
         # A is the mean over positions (T·factor for FOOF/KFC would put T on A instead; the
         # product A⊗G is the same).
         return a_sum, g_sum

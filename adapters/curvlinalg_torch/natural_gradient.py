@@ -26,7 +26,18 @@ Which per-example gradients form ``G_F`` (``fisher``):
 
 The MC and exact passes run from a forward hook on the model, right after its forward and
 before the data backward (which frees the graph), only at the steps that need new Fisher
-captures; the model must then return ``(B, C)`` logits.
+captures; the model must then return ``(B, C)`` logits, or the ``(B, T, C)`` logits of a
+language model (per-token cross-entropy, a sequence's loss the sum of its token losses:
+``"mc"`` draws one label per token; ``"exact"`` back-propagates every token's ``C`` class
+rows separately, ``T·C`` backwards, so that
+``F = (1/B) Σ_i Σ_t J_itᵀ(diag p_it − p_it p_itᵀ)J_it`` has no cross-token terms; see
+:func:`fisher_errors`).
+
+Padding: ``opt.set_mask(labels != -100)`` after ``zero_grad()`` and before the forward
+(:meth:`~curvlinalg_torch.CurvatureOptimizer.set_mask`): masked positions get zero Fisher
+errors and zero data errors in every layer, so they add nothing to ``G_F``, the Gram or the
+gradient, and ``B_F`` is ``B_eff``, the number of examples with a kept position (the Fisher
+of the batch with the fully masked examples deleted).
 
 Which batch (``fisher_batch``):
 
@@ -102,18 +113,35 @@ def fisher_errors(
     labels: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[list[Tensor | None], int]:
-    r"""Back-propagate a Fisher's output errors from ``(B, C)`` logits; no ``.grad`` written.
+    r"""Back-propagate a Fisher's output errors from ``(B, C)`` or ``(B, T, C)`` logits; no
+    ``.grad`` written.
 
     Returns the per-layer errors (``None`` for a captured layer without a recorded forward)
     and the number of rows per example: for ``"mc"`` (labels ``ỹ ~ softmax(z)`` drawn with
-    ``generator`` by ``Capture.backward_sampled``) and ``"empirical"`` (``labels`` required)
-    the errors ``softmax(z) − onehot(y)`` back-propagated, ``(B, [T,] d_out)``, 1 row; for
-    ``"exact"`` the ``C`` back-propagated rows ``√p_c (p − e_c)`` of every example, stacked
-    example-major as ``(B·C, [T,] d_out)`` (row ``i·C + c``), ``C`` rows. Call it after the
-    forward and before any backward that frees the graph.
+    ``generator`` by ``Capture.backward_sampled``) and ``"empirical"`` (``labels`` required,
+    ``(B,)`` or ``(B, T)``) the errors ``softmax(z) − onehot(y)`` back-propagated,
+    ``(B, [T,] d_out)``, 1 row; for ``"exact"`` the ``C`` back-propagated rows
+    ``√p_c (p − e_c)`` of every example (of every token of a sequence, class ``c`` of all
+    tokens back-propagated together: the rows of one class sum the token terms, whose
+    cross terms vanish in the Gram only per token — see below), stacked example-major as
+    ``(B·C, [T,] d_out)`` (row ``i·C + c``), ``C`` rows. Call it after the forward and
+    before any backward that frees the graph.
+
+    Sequences (``(B, T, C)`` logits, per-token cross-entropy summed over a sequence): for
+    ``"mc"`` and ``"empirical"`` the back-propagated errors of all tokens of a sequence
+    together are the per-example errors of the summed token loss. For ``"exact"`` a token's
+    ``C`` rows must not be summed with another token's (``Σ_c (Σ_t r_tc)(Σ_t r_tc)ᵀ`` has
+    cross-token terms), so the class rows are back-propagated per token and class: ``T·C``
+    backwards, rows ``(B·T·C, [T',] d_out)`` stacked as row ``(i·T + t)·C + c``, and
+    ``T·C`` rows per example (``F = (1/B) Σ_i Σ_t J_itᵀ(diag p_it − p_it p_itᵀ)J_it``, still
+    ``scale = 1/B``).
+
+    The capture's mask (:meth:`Capture.set_mask`) applies: masked positions give exactly
+    zero errors (for ``"exact"`` their seeds, hence their rows, are zero).
     """
-    if logits.ndim != 2:
-        raise ValueError(f"logits must be (B, C); got shape {tuple(logits.shape)}")
+    if logits.ndim not in (2, 3):
+        raise ValueError(f"logits must be (B, C) or (B, T, C); got shape {tuple(logits.shape)}")
+    mask = capture._output_mask(logits, None)
     layers = capture.layers
 
     def collect() -> list[Tensor | None]:
@@ -126,27 +154,39 @@ def fisher_errors(
     if fisher == "empirical":
         if labels is None:
             raise ValueError("labels are required for fisher='empirical'")
-        capture.backward_errors(logits, core_fisher.softmax_errors(probabilities_of, labels))
+        errors = core_fisher.softmax_errors(probabilities_of, labels, mask)
+        capture.backward_errors(logits, errors)
         return collect(), 1
     if fisher != "exact":
         raise ValueError(f"fisher must be 'mc', 'empirical' or 'exact'; got {fisher!r}")
-    rows = core_fisher.softmax_exact_errors(probabilities_of)  # (B, C, C): [i, c, :]
-    classes = int(rows.shape[1])
-    per_class: list[list[Tensor | None]] = []
-    for c in range(classes):
-        # One backward per class; batching them (vmap over grad_outputs) is not supported by
-        # the capture's autograd node.
-        capture.backward_errors(logits, rows[:, c, :])
-        per_class.append(collect())
+    rows = core_fisher.softmax_exact_errors(probabilities_of, mask)  # (B, [T,] C, C)
+    classes = int(rows.shape[-2])
+    if logits.ndim == 2:
+        # One backward per class (row [i, c, :] of every example at once); batching them
+        # (vmap over grad_outputs) is not supported by the capture's autograd node.
+        seeds = [rows[:, c, :] for c in range(classes)]
+    else:
+        # One backward per token and class: only token t's rows are non-zero in the seed.
+        positions = int(rows.shape[1])
+        seeds = []
+        for t in range(positions):
+            for c in range(classes):
+                seed = torch.zeros_like(rows[:, :, c, :])
+                seed[:, t, :] = rows[:, t, c, :]
+                seeds.append(seed)
+    per_seed: list[list[Tensor | None]] = []
+    for seed in seeds:
+        capture.backward_errors(logits, seed)
+        per_seed.append(collect())
     stacked: list[Tensor | None] = []
     for index in range(len(layers)):
-        parts = [errors[index] for errors in per_class]
+        parts = [errors[index] for errors in per_seed]
         if parts[0] is None:
             stacked.append(None)
             continue
-        joined = torch.stack(parts, dim=1)  # (B, C, [T,] d_out)
+        joined = torch.stack(parts, dim=1)  # (B, seeds, [T',] d_out)
         stacked.append(joined.reshape(-1, *joined.shape[2:]))
-    return stacked, classes
+    return stacked, len(seeds)
 
 
 def _repeat_rows(a: Tensor, rows: int) -> Tensor:
@@ -226,11 +266,14 @@ class _Factor:
         damping: float,
         structure: Structure,
         from_data: bool,
+        examples: float | None = None,
     ) -> None:
         self.indices = indices
         self.pairs = pairs
         self.rows = rows
-        self.examples = int(pairs[0][0].shape[0]) // rows
+        # B_F; with a mask the examples with a kept position (B_eff, at least 1): the masked
+        # examples' per-example gradients are zero, F is the Fisher of the others.
+        self.examples = int(pairs[0][0].shape[0]) // rows if examples is None else examples
         self.scale = 1.0 / self.examples  # F = (1/B_F)·G Gᵀ, also for the exact Fisher's B·C rows
         self.damping = damping
         self.structure = structure
@@ -396,11 +439,11 @@ class NaturalGradient(CurvatureOptimizer):
             return
         if not any(layer.calls for layer in self.capture.layers) or not self._fisher_due():
             return
-        if not isinstance(output, Tensor) or output.ndim != 2:
+        if not isinstance(output, Tensor) or output.ndim not in (2, 3):
             shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
             raise ValueError(
-                f"NaturalGradient(fisher={self.fisher!r}) needs the model to return (B, C) "
-                f"logits; got {shape} (use fisher='empirical', or restrict the model)"
+                f"NaturalGradient(fisher={self.fisher!r}) needs the model to return (B, C) or "
+                f"(B, T, C) logits; got {shape} (use fisher='empirical', or restrict the model)"
             )
         if not bool(torch.isfinite(output.detach()).all()):
             # Non-finite logits cannot be sampled from (curvlinalg.fisher raises); the step
@@ -494,8 +537,10 @@ class NaturalGradient(CurvatureOptimizer):
         due = self._fisher_due()
         fisher_pairs: list[tuple[Tensor, Tensor]] | None = None
         rows = 1
+        examples: float | None = None
         if active and due:
             fisher_pairs, rows = self._fisher_pairs(active)
+            examples = self._kept_examples()
         finite = (
             self._pending is not _NON_FINITE
             and self._finite(active, shared=False)
@@ -526,7 +571,9 @@ class NaturalGradient(CurvatureOptimizer):
             factor = self._factor
             if self.fisher_batch == "same" or factor is None:
                 assert fisher_pairs is not None
-                factor = self._build(indices, fisher_pairs, rows, damping, from_data=True)
+                factor = self._build(
+                    indices, fisher_pairs, rows, damping, from_data=True, examples=examples
+                )
                 built_now = True
             elif factor.indices != indices:
                 names = [self.capture.layers[i].name for i in factor.indices]
@@ -537,7 +584,12 @@ class NaturalGradient(CurvatureOptimizer):
                 )
             elif factor.damping != damping:
                 factor = self._build(
-                    factor.indices, factor.pairs, factor.rows, damping, from_data=False
+                    factor.indices,
+                    factor.pairs,
+                    factor.rows,
+                    damping,
+                    from_data=False,
+                    examples=factor.examples,
                 )
             directions = self._directions(factor, active, data, damping)  # type: ignore[arg-type]
             parts = [
@@ -555,7 +607,9 @@ class NaturalGradient(CurvatureOptimizer):
             if self.fisher_batch == "independent" and due and not built_now:
                 assert fisher_pairs is not None
                 # Built before any update: a Gram that fails raises with nothing changed.
-                next_factor = self._build(indices, fisher_pairs, rows, damping, from_data=False)
+                next_factor = self._build(
+                    indices, fisher_pairs, rows, damping, from_data=False, examples=examples
+                )
             for (index, layer), direction in zip(active, directions):
                 self._update(layer, self._layer_state[index], direction, group)
             if self.fisher_batch == "independent":
@@ -563,8 +617,10 @@ class NaturalGradient(CurvatureOptimizer):
         if self.distributed:
             self._average_over_ranks(self._other_grads_to_average())
         self._fallback_step(active)
-        if self.fisher_batch == "independent" and self._factor is not None and not (
-            active and due and not built_now
+        if (
+            self.fisher_batch == "independent"
+            and self._factor is not None
+            and not (active and due and not built_now)
         ):
             # Captures of this step are no longer "the data captures" at the next step.
             self._factor.from_data = False
@@ -583,6 +639,7 @@ class NaturalGradient(CurvatureOptimizer):
         damping: float,
         *,
         from_data: bool,
+        examples: float | None = None,
     ) -> _Factor:
         if self.fisher_batch == "independent":
             # Kept across steps: own the tensors (a may alias a layer input that the caller
@@ -595,7 +652,27 @@ class NaturalGradient(CurvatureOptimizer):
             damping,
             self.structure,
             from_data=from_data and self.fisher == "empirical",
+            examples=examples,
         )
+
+    def _kept_examples(self) -> float | None:
+        """``B_eff`` of the mask of :meth:`set_mask` (examples with a kept position, at least
+        1; summed over the ranks under ``distributed``), ``None`` without a mask."""
+        mask = self.capture.mask
+        if self.distributed:
+            # Every rank takes part (a rank without a mask counts all its examples).
+            batch = next((layer.batch_size for layer in self.capture.layers if layer.calls), 0)
+            kept = (
+                torch.tensor(float(batch), dtype=torch.float64)
+                if mask is None
+                else mask.reshape(mask.shape[0], -1).any(-1).sum().to(torch.float64).cpu()
+            )
+            flags = torch.stack([kept, torch.tensor(float(mask is not None), dtype=torch.float64)])
+            dist.all_reduce(flags)
+            return max(float(flags[0]), 1.0) if float(flags[1]) > 0 else None
+        if mask is None:
+            return None
+        return max(float(mask.reshape(mask.shape[0], -1).any(-1).sum()), 1.0)
 
     @staticmethod
     def _agree(finite: bool, batch: int) -> bool:
@@ -778,6 +855,7 @@ class NaturalGradient(CurvatureOptimizer):
                 "pairs": [(a.clone(), e.clone()) for a, e in self._factor.pairs],
                 "rows": self._factor.rows,
                 "damping": self._factor.damping,
+                "examples": self._factor.examples,
             }
         return extra
 
@@ -796,4 +874,5 @@ class NaturalGradient(CurvatureOptimizer):
                 float(saved["damping"]),
                 self.structure,
                 from_data=False,
+                examples=saved.get("examples"),
             )

@@ -144,9 +144,11 @@ def test_argument_validation_and_output_shape():
     ):
         with pytest.raises(ValueError, match=name):
             KFAC(tiny_net(), lr=0.1, **kwargs)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Unflatten(1, (2, 2))).double()
+    # (B, C) and (B, T, C) logits are accepted (tests/adapters/test_torch_sequence.py); a
+    # 4-d output is not.
+    model = nn.Sequential(nn.Linear(3, 4), nn.Unflatten(1, (2, 1, 2))).double()
     optimizer = KFAC(model, lr=0.1, damping=1.0)  # noqa: F841 (alive: a deleted one unhooks)
-    with pytest.raises(ValueError, match=r"\(B, C\) logits"):
+    with pytest.raises(ValueError, match=r"\(B, C\) or \(B, T, C\) logits"):
         model(torch.randn(2, 3, dtype=torch.float64))
 
 
