@@ -22,13 +22,14 @@ factors. ``fisher`` picks the labels:
   Labels come from the optimizer's ``torch.Generator`` (``generator``/``seed``), saved in the
   state dict.
 
+* ``"empirical"`` — the data labels: ``ẽ`` are the errors of the training loss itself, no
+  extra backward.
+
 Padding: ``opt.set_mask(labels != -100)`` (after ``zero_grad()``, before the forward; see
 :meth:`CurvatureOptimizer.set_mask`) drops positions: they get no sampled label, zero errors
 in every layer, and the factors are ``A = Σ_kept a aᵀ / B_eff`` (``kron.input_factor(a,
 mask=…)``, ``B_eff`` the examples with a kept position) and ``G = kron.factor(ẽ, mask=…)``
 (the mean over the kept positions) — the factors of the batch with the padding deleted.
-* ``"empirical"`` — the data labels: ``ẽ`` are the errors of the training loss itself, no
-  extra backward.
 
 ``damping_rule`` picks the damped inverse:
 
