@@ -343,13 +343,14 @@ class KLDWRM(KFAC):
     def _accumulate(self, layer: LayerCapture, state: dict[str, Tensor]) -> None:
         """``Ā ← ρĀ + (1−ρ)A_k``, ``Ḡ ← ρḠ + (1−ρ)G_k`` (``wake.average``, ``F̄_0 = F_0``) with
         ``A_k = Σ_{i,t} a_it a_itᵀ/B`` (``T·kron.factor(a)``, positions summed as in KFC) and
-        ``G_k = kron.factor(ẽ)``; the local pair is kept for this step's ``B_k``."""
+        ``G_k = kron.factor(ẽ)``; the local pair is kept for this step's ``B_k``. With a
+        padding mask (:meth:`set_mask`) both leave the masked positions out, as in
+        :class:`KFAC`: ``A_k = Σ_kept a aᵀ / B_eff``, ``G_k`` the mean over kept positions."""
         a = self._captured(layer, "a")
-        a_new = kron.factor(a, check_finite=False)
-        if a.ndim == 3:
-            a_new = a_new * a.shape[1]
+        mask = layer.mask
+        a_new = kron.input_factor(a, check_finite=False, mask=mask)
         errors = self._captured(layer, "e_sampled" if self.fisher == "mc" else "e")
-        g_new = kron.factor(errors, check_finite=False)
+        g_new = kron.factor(errors, check_finite=False, mask=mask)
         self._local[id(state)] = (a_new, g_new)
         # Unchecked here: a non-finite new factor skips the step (the base class checks
         # _new_factors before anything is committed).

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from curvlinalg_torch import EKFAC, FOOF, KFAC, Capture, Laplace, NaturalGradient
+from curvlinalg_torch import EKFAC, FOOF, KFAC, KLDWRM, Capture, Laplace, NaturalGradient
 from curvlinalg_torch.natural_gradient import fisher_captures
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
@@ -255,6 +255,8 @@ def run_step(cls, model, tokens, labels, mask, **options):
         (KFAC, {"fisher": "empirical", "factor_dtype": torch.float64}),
         (KFAC, {"fisher": "empirical", "damping_rule": "exact", "factor_dtype": torch.float64}),
         (EKFAC, {"fisher": "empirical", "factor_dtype": torch.float64}),
+        (KLDWRM, {"variant": "so", "fisher": "empirical", "factor_dtype": torch.float64}),
+        (KLDWRM, {"variant": "q", "fisher": "empirical", "factor_dtype": torch.float64}),
         (NaturalGradient, {"fisher": "empirical"}),
         (NaturalGradient, {"fisher": "exact"}),
         (NaturalGradient, {"fisher": "exact", "structure": "layerwise"}),
