@@ -168,15 +168,10 @@ def _first_average(count: Array, decay: float, dtype: Any) -> Array:
 def _input_factor(a: Array, axis_name: Any, captures: Any = None) -> Array:
     """``A = Σ_{i,t} a_it a_itᵀ / B`` of the whole batch (over devices too): positions summed,
     examples averaged (``kron.input_factor``, KFC's scale, as in ``curvlinalg_torch``); with
-    ``captures.mask`` (masked rows already zero), the kept positions over ``B_eff``, the
-    sequences with a kept position (0 kept gives 0, not NaN)."""
-    factor = kron.input_factor(a, check_finite=False)
+    ``captures.mask``, the kept positions over ``B_eff``, the sequences with a kept position
+    (``kron.input_factor(mask=)``; 0 kept gives 0, not NaN)."""
     mask = None if captures is None else layer_mask(captures, a)
-    if mask is not None:
-        # The capture zeroed the masked rows: rescale the 1/B mean to 1/B_eff.
-        kept = jnp.sum(jnp.any(mask, axis=1)).astype(factor.dtype)
-        factor = factor * (int(a.shape[0]) / jnp.maximum(kept, 1))
-    return _pmean(factor, axis_name)
+    return _pmean(kron.input_factor(a, check_finite=False, mask=mask), axis_name)
 
 
 def _output_factor(e: Array, batch: int, axis_name: Any, captures: Any = None) -> Array:
@@ -185,12 +180,8 @@ def _output_factor(e: Array, batch: int, axis_name: Any, captures: Any = None) -
     and the same ``1/B`` scale as the others, so the mean over rows is rescaled by
     ``rows / B`` (1 for the empirical and MC Fisher)."""
     rows = int(e.shape[0])
-    factor = kron.factor(e, check_finite=False)
     mask = None if captures is None else layer_mask(captures, e)
-    if mask is not None:
-        # Zeroed masked rows: the mean over all N·T positions becomes one over the kept ones.
-        kept = jnp.sum(mask).astype(factor.dtype)
-        factor = factor * (mask.size / jnp.maximum(kept, 1))
+    factor = kron.factor(e, check_finite=False, mask=mask)
     if rows != batch:
         factor = factor * (rows / batch)
     return _pmean(factor, axis_name)
