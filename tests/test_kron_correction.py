@@ -418,10 +418,8 @@ def test_check_finite_false_skips_the_scan() -> None:
     "lead, d_in, d_out, from_captures",
     [
         ((2,), 4, 3, True),  # N = 2 rows: rotate the captures
-        ((2, 1), 4, 3, True),
         ((1, 2), 3, 4, True),  # (B, T, d): positions summed within the example
         ((6, 3), 4, 3, False),  # N = 18 ≥ d: form ∇W first
-        ((12,), 2, 3, False),
     ],
 )
 def test_corrected_solve_captures_is_the_dense_solve_of_the_mean_gradient(
@@ -432,6 +430,8 @@ def test_corrected_solve_captures_is_the_dense_solve_of_the_mean_gradient(
     d_out: int,
     from_captures: bool,
 ) -> None:
+    if backend.name == "jax" and len(lead) == 2 and from_captures:
+        pytest.skip("JAX compiles per shape: one case per order suffices there")
     rows = int(np.prod(lead))
     assert kron._rotate_from_captures(rows, d_in, d_out) == from_captures  # both orders run
     rng = np.random.default_rng(rows * 10 + d_in)
