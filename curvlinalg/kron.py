@@ -827,6 +827,29 @@ def eigen_correction(
     return total / denominator
 
 
+def _check_correction(
+    correction: Array,
+    damping: Any,
+    d_out: int,
+    d_in: int,
+    operand: tuple[str, Array],
+    a_eigh: Any,
+    g_eigh: Any,
+) -> None:
+    """``correction`` is ``(d_out, d_in)`` of the operand's dtype and ``damping ≥ 0``."""
+    name, value = operand
+    if tuple(correction.shape) != (d_out, d_in):
+        what = "the gradient needs" if name == "grad" else "the captures need"
+        raise ValueError(
+            f"shape mismatch: correction has shape {tuple(correction.shape)} but {what} "
+            f"(d_out, d_in) = {(d_out, d_in)}"
+        )
+    _checks.same_dtype(
+        [(name, value), ("a_eigh", a_eigh[1]), ("g_eigh", g_eigh[1]), ("correction", correction)]
+    )
+    _checks.scalar("damping", damping, minimum=0.0)
+
+
 def corrected_solve(
     grad: Array,
     a_eigh: Eigh,
@@ -859,15 +882,7 @@ def corrected_solve(
     d_out, d_in = int(grad.shape[-2]), int(grad.shape[-1])
     _check_eigh("a_eigh", a_eigh, d_in, "the gradient's d_in")
     _check_eigh("g_eigh", g_eigh, d_out, "the gradient's d_out")
-    if tuple(correction.shape) != (d_out, d_in):
-        raise ValueError(
-            f"shape mismatch: correction has shape {tuple(correction.shape)} but the gradient "
-            f"needs (d_out, d_in) = {(d_out, d_in)}"
-        )
-    _checks.same_dtype(
-        [("grad", grad), ("a_eigh", a_eigh[1]), ("g_eigh", g_eigh[1]), ("correction", correction)]
-    )
-    _checks.scalar("damping", damping, minimum=0.0)
+    _check_correction(correction, damping, d_out, d_in, ("grad", grad), a_eigh, g_eigh)
     if check_finite:
         _checks.finite(xp, "grad", grad)
         _checks.finite(xp, "correction", correction)
@@ -934,15 +949,7 @@ def corrected_solve_captures(
     d_in, d_out = int(a.shape[-1]), int(e.shape[-1])
     _check_eigh("a_eigh", a_eigh, d_in, "a's d_in")
     _check_eigh("g_eigh", g_eigh, d_out, "e's d_out")
-    if tuple(correction.shape) != (d_out, d_in):
-        raise ValueError(
-            f"shape mismatch: correction has shape {tuple(correction.shape)} but the captures "
-            f"need (d_out, d_in) = {(d_out, d_in)}"
-        )
-    _checks.same_dtype(
-        [("a", a), ("a_eigh", a_eigh[1]), ("g_eigh", g_eigh[1]), ("correction", correction)]
-    )
-    _checks.scalar("damping", damping, minimum=0.0)
+    _check_correction(correction, damping, d_out, d_in, ("a", a), a_eigh, g_eigh)
     count: Any = batch
     if mask is not None:
         weights = _masks.weights(xp, "mask", mask, tuple(a.shape[:-1]), a, "a")
