@@ -227,7 +227,12 @@ class Laplace:
                     reduction="sum",
                 )
                 log_likelihood = -loss if log_likelihood is None else log_likelihood - loss
-                seen += batch
+                # A sequence without a kept position is no example: n and the Fisher's 1/B
+                # count the batch with it deleted (B_eff), as the core's masks do.
+                effective = (
+                    batch if mask is None else int(mask.reshape(batch, -1).any(dim=1).sum())
+                )
+                seen += effective
                 if not curvature:
                     continue
                 pairs, rows = fisher_captures(
@@ -235,8 +240,16 @@ class Laplace:
                 )
                 pairs = [(a.to(work), e.to(work)) for a, e in pairs]
                 if self.structure == "woodbury":
+                    if effective == 0:
+                        raise ValueError(
+                            "the first batch of data has no position whose label is not "
+                            f"ignore_index={self.ignore_index}: structure='woodbury' takes "
+                            "its Fisher from that batch"
+                        )
                     self._captures = [(a.detach(), e.detach()) for a, e in pairs]
-                    self._rows_per_example = rows
+                    # The core's scale n'/B counts every row; padded sequences are no rows of
+                    # the Fisher: n' = n·rows·B/B_eff gives n/B_eff.
+                    self._rows_per_example = rows * batch / effective
                 else:
                     used = [layer for layer in capture.layers if layer.calls]
                     masks = [layer.mask for layer in used if layer.e_sampled is not None]

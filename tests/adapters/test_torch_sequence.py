@@ -339,3 +339,23 @@ def test_laplace_sequence_labels_with_ignore_index():
     g = torch.cat([torch.einsum("bto,bti->boi", e, a).flatten(1) for a, e in woodbury.captures], 1)
     # The kept Fisher rows: every token's class rows, zero at the padding (scale 1/B).
     torch.testing.assert_close(g.T @ g / 4, exact_fisher(model, tokens, mask, 4), **TOL)
+
+
+@pytest.mark.parametrize("structure, fisher_type", [("kron", "empirical"), ("woodbury", "exact")])
+def test_laplace_padded_data_is_the_data_with_the_padding_deleted(structure, fisher_type):
+    # A fully padded sequence is no example: n, the Fisher and the evidence are those of the
+    # batch without it (before, "woodbury" scaled its Fisher by 1/B with B counting it, and n
+    # counted it for both structures).
+    model, tokens, labels, _ = make(mix=False)
+    copy = TinyLM(False).double()
+    copy.load_state_dict(model.state_dict())
+    layers = lambda m: [m.lin1, m.lin2]  # noqa: E731
+    padded = Laplace(model, structure, fisher=fisher_type, layers=layers(model))
+    padded.fit((tokens, labels))
+    deleted = Laplace(copy, structure, fisher=fisher_type, layers=layers(copy))
+    deleted.fit((tokens[:3, :3], labels[:3, :3]))
+    assert padded.n_data == deleted.n_data == 3
+    for tau in (0.5, 2.0):
+        torch.testing.assert_close(
+            padded.log_marginal_likelihood(tau), deleted.log_marginal_likelihood(tau), **TOL
+        )
