@@ -139,6 +139,25 @@ def _outer_mean(xp: Any, rows: Array, weight: Array | None, denominator: Any, bi
     return _symmetric(xp, xp.matrix_transpose(weighted) @ rows) / denominator
 
 
+def _weight_dtype(xp: Any, dtype: Any, mask: Any, device: Any, owner: str) -> Any:
+    """``dtype``, else a floating ``mask``'s, else the namespace's default real floating dtype;
+    refused unless real floating (``owner`` names the argument whose namespace it is)."""
+    if dtype is None:
+        if _masks.is_array(mask) and xp.isdtype(mask.dtype, "real floating"):
+            dtype = mask.dtype
+        else:
+            dtype = xp.__array_namespace_info__().default_dtypes(device=device)["real floating"]
+    try:
+        floating_dtype = xp.isdtype(dtype, "real floating")
+    except (TypeError, ValueError):
+        floating_dtype = False
+    if not floating_dtype:
+        raise ValueError(
+            f"dtype must be a real floating dtype of {owner}'s namespace; got {dtype!r}"
+        )
+    return dtype
+
+
 def example_count(mask: Array, *, dtype: Any = None) -> Array:
     r"""Effective number of examples of a mask, ``B_eff = Σ_i max_t w_it``.
 
@@ -162,17 +181,7 @@ def example_count(mask: Array, *, dtype: Any = None) -> Array:
     if mask.ndim < 1:
         raise ValueError(f"mask must be (B,) or (B, T); got shape {tuple(mask.shape)}")
     device = _backend.device(mask)
-    if dtype is None:
-        if xp.isdtype(mask.dtype, "real floating"):
-            dtype = mask.dtype
-        else:
-            dtype = xp.__array_namespace_info__().default_dtypes(device=device)["real floating"]
-    try:
-        floating_dtype = xp.isdtype(dtype, "real floating")
-    except (TypeError, ValueError):
-        floating_dtype = False
-    if not floating_dtype:
-        raise ValueError(f"dtype must be a real floating dtype of mask's namespace; got {dtype!r}")
+    dtype = _weight_dtype(xp, dtype, mask, device, "mask")
     like = xp.zeros((), dtype=dtype, device=device)
     weight = _masks.weights(xp, "mask", mask, tuple(mask.shape), like, "mask")
     return _masks.example_count(xp, weight)
@@ -1103,17 +1112,7 @@ def embedding_factor(
     if count == 0:
         raise ValueError(f"tokens has no examples; got shape {tuple(tokens.shape)}")
     device = _backend.device(tokens)
-    if dtype is None:
-        if _masks.is_array(mask) and xp.isdtype(mask.dtype, "real floating"):
-            dtype = mask.dtype
-        else:
-            dtype = xp.__array_namespace_info__().default_dtypes(device=device)["real floating"]
-    try:
-        floating_dtype = xp.isdtype(dtype, "real floating")
-    except (TypeError, ValueError):
-        floating_dtype = False
-    if not floating_dtype:
-        raise ValueError(f"dtype must be a real floating dtype of tokens' namespace; got {dtype!r}")
+    dtype = _weight_dtype(xp, dtype, mask, device, "tokens")
     like = xp.zeros((), dtype=dtype, device=device)
     flat = xp.reshape(tokens, (count,))
     if mask is None:
