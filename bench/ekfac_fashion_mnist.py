@@ -17,23 +17,36 @@ Methods (``--methods``, names ``KFAC T=<T>`` / ``EKFAC T=<T>``; default ``KFAC T
 T=100``). ``T = 1`` (the paper's K-FAC) is accepted but expensive for EK-FAC: every step
 recomputes seven eigendecompositions (six of 1000×1000).
 
+Hyperparameters. ``--kfac-lr``/``--kfac-damping`` and ``--ekfac-lr``/``--ekfac-damping`` set
+each method's (lr, λ); unset, they are K-FAC's values above (the defaults of the original run,
+at which EK-FAC diverges). A method name may also carry its own, ``"EKFAC T=100 lr=0.01
+damping=0.3"`` (that order, either optional), so that one call runs a small grid from the same
+weights, batches and MC labels. ``--max-updates N`` stops every method after ``N`` updates
+(tuning runs); ``--stem`` names the output files (default ``ekfac_<dataset>``), ``--no-plot``
+skips the figure. The JSON records every method's (lr, λ) (``runs[name]["optimizer"]`` and
+``hyperparameters[name]``).
+
 Logged per method: the mini-batch loss of every update, the wall time of every epoch (sum of
 the step times), the whole-training-set loss, test loss and accuracy at the end. Output:
 ``--out``/``ekfac_fashion-mnist.json`` and ``ekfac_fashion-mnist_loss.png`` (default
 ``bench/results/ekfac``). ``--quick``: a 784-50-50-10 MLP on 200 images of the shipped MNIST
-subset, 4 updates per method, ``KFAC T=2,EKFAC T=2`` (refresh and in-between steps) — a
-smoke test (seconds).
+subset, 4 updates per method, ``KFAC T=2,EKFAC T=2`` unless ``--methods`` (refresh and
+in-between steps) — a smoke test (seconds).
 
 Usage::
 
     python bench/ekfac_fashion_mnist.py --epochs 1                     # defaults: T = 100
     python bench/ekfac_fashion_mnist.py --epochs 1 --methods "KFAC T=1,EKFAC T=10"
     python bench/ekfac_fashion_mnist.py --quick
+    # a tuning grid: 150 updates, three EK-FAC (lr, λ) from the same start
+    python bench/ekfac_fashion_mnist.py --seed 1 --max-updates 150 --stem ekfac_tuning_x \
+        --no-plot --methods "EKFAC T=100 lr=0.01 damping=0.1,EKFAC T=100 lr=0.01 damping=0.3"
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -45,34 +58,69 @@ import training  # noqa: E402
 
 BATCH = 100
 QUICK_WIDTHS = (784, 50, 50, 10)
-METHOD = re.compile(r"^(KFAC|EKFAC) T=(\d+)$")
+NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+METHOD = re.compile(rf"^(KFAC|EKFAC) T=(\d+)(?: lr={NUMBER})?(?: damping={NUMBER})?$")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", default="KFAC T=100,EKFAC T=100")
+    parser.add_argument(
+        "--methods", default=None, help="default 'KFAC T=100,EKFAC T=100' (--quick: T=2)"
+    )
     parser.add_argument("--threads", type=int, default=2)
+    for kind in ("kfac", "ekfac"):
+        label = "K-FAC" if kind == "kfac" else "EK-FAC"
+        parser.add_argument(
+            f"--{kind}-lr", type=float, default=None, help=f"{label}'s lr (default 0.003)"
+        )
+        parser.add_argument(
+            f"--{kind}-damping", type=float, default=None, help=f"{label}'s λ (default 0.01)"
+        )
+    parser.add_argument(
+        "--max-updates", type=int, default=None, help="stop every method after this many updates"
+    )
+    parser.add_argument("--stem", default=None, help="output file names (default ekfac_<dataset>)")
+    parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--out", default=None, help="default bench/results/ekfac")
     parser.add_argument("--quick", action="store_true", help="smoke run (seconds)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.methods = "KFAC T=2,EKFAC T=2"
+    for option in ("kfac_lr", "kfac_damping", "ekfac_lr", "ekfac_damping"):
+        value = getattr(args, option)
+        if value is not None and not value > 0:
+            parser.error(f"--{option.replace('_', '-')} must be positive, got {value}")
+    if args.max_updates is not None and args.max_updates < 1:
+        parser.error(f"--max-updates must be at least 1, got {args.max_updates}")
+    if args.methods is None:
+        args.methods = "KFAC T=2,EKFAC T=2" if args.quick else "KFAC T=100,EKFAC T=100"
     if args.out is None:
         args.out = str(training.RESULTS / ("tmp/ekfac" if args.quick else "ekfac"))
     return args
 
 
-def methods(text: str) -> list[tuple[str, str, int]]:
-    """``[(name, "KFAC" | "EKFAC", T), ...]`` from ``"KFAC T=1,EKFAC T=100"``."""
+def methods(text: str) -> list[tuple[str, str, int, dict[str, float]]]:
+    """``[(name, "KFAC" | "EKFAC", T, overrides), ...]`` from ``"KFAC T=1,EKFAC T=100 lr=0.01
+    damping=0.3"``; ``overrides`` holds the name's own ``lr``/``damping`` (none: ``{}``)."""
     parsed = []
     for name in (item.strip() for item in text.split(",")):
         match = METHOD.match(name)
         if match is None or int(match.group(2)) < 1:
-            raise SystemExit(f"--methods: {name!r} is not 'KFAC T=<T>' or 'EKFAC T=<T>' (T ≥ 1)")
-        parsed.append((name, match.group(1), int(match.group(2))))
+            raise SystemExit(
+                f"--methods: {name!r} is not 'KFAC T=<T>' or 'EKFAC T=<T>' (T ≥ 1), optionally "
+                "followed by ' lr=<lr>' and/or ' damping=<λ>'"
+            )
+        overrides = {
+            key: float(value)
+            for key, value in (("lr", match.group(3)), ("damping", match.group(4)))
+            if value is not None
+        }
+        if any(not value > 0 for value in overrides.values()):
+            raise SystemExit(f"--methods: {name!r}: lr and damping must be positive")
+        if any(name == other[0] for other in parsed):
+            raise SystemExit(f"--methods: {name!r} is listed twice")
+        parsed.append((name, match.group(1), int(match.group(2)), overrides))
     return parsed
 
 
@@ -81,6 +129,19 @@ def hyperparameters() -> dict[str, float]:
     import reproduce_benzing
 
     return dict(reproduce_benzing.hyperparameters()["minibatch"]["KFAC"])
+
+
+def method_hyperparameters(
+    kind: str, overrides: dict[str, float], args: argparse.Namespace, default: dict[str, float]
+) -> dict[str, float]:
+    """One method's ``{"lr", "damping"}``: its name's own values, else ``--kfac-*`` /
+    ``--ekfac-*`` for its kind, else ``default`` (K-FAC's values of ``hyperparameters()``)."""
+    prefix = kind.lower()
+    chosen = {}
+    for key in ("lr", "damping"):
+        flag = getattr(args, f"{prefix}_{key}")
+        chosen[key] = overrides.get(key, default[key] if flag is None else flag)
+    return chosen
 
 
 def make_optimizer(kind: str, period: int, model: Any, seed: int, hp: dict[str, float]) -> Any:
@@ -103,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     chosen = methods(args.methods)
     training.limit_threads(args.threads)
+    import curvlinalg_torch
     import data
     import torch
     from torch import nn
@@ -115,13 +177,21 @@ def main(argv: list[str] | None = None) -> int:
         arrays = data.load("fashion-mnist")
         widths = (784, 1000, 1000, 1000, 10)
         steps = args.epochs * (len(arrays[0]) // BATCH)
+    if args.max_updates is not None:
+        steps = min(steps, args.max_updates)
     x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in arrays)
     steps_per_epoch = len(x_train) // BATCH
-    hp = hyperparameters()
+    default_hp = hyperparameters()
+    chosen_hp = {
+        name: method_hyperparameters(kind, overrides, args, default_hp)
+        for name, kind, _, overrides in chosen
+    }
     batches = training.batch_order(len(x_train), BATCH, steps, args.seed)
     loss_function = nn.CrossEntropyLoss()
+    load_before = os.getloadavg()
     runs: dict[str, dict[str, Any]] = {}
-    for name, kind, period in chosen:
+    for name, kind, period, _ in chosen:
+        hp = chosen_hp[name]
         model = training.benzing_mlp(args.seed, widths)
         run = training.train(
             model,
@@ -146,10 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     dataset = "mnist-subset" if args.quick else "fashion-mnist"
     print(
         f"\n{dataset}: MLP {'-'.join(map(str, widths))}, batch {BATCH}, {steps} updates, "
-        f"seed {args.seed}, lr {hp['lr']:g}, λ {hp['damping']:g}, MC Fisher, {args.threads} threads"
+        f"seed {args.seed}, MC Fisher, {args.threads} threads"
     )
+    width = max(14, *(len(name) + 2 for name in runs))
     print(
-        f"{'method':<14}{'train loss':>12}{'last 100 mb':>13}{'test acc %':>12}{'test loss':>11}"
+        f"{'method':<{width}}{'lr':>8}{'λ':>8}{'train loss':>12}{'last 100 mb':>13}"
+        f"{'test acc %':>12}{'test loss':>11}"
         f"{'s/epoch':>9}{'ms/step':>9}  diverged"
     )
     summary: dict[str, dict[str, Any]] = {}
@@ -163,17 +235,19 @@ def main(argv: list[str] | None = None) -> int:
             "epoch_seconds": run["epoch_seconds"],
             "step_seconds_median": run["step_seconds_median"],
             "diverged_at": run["diverged_at"],
+            **chosen_hp[name],
         }
         summary[name] = entry
         seconds = sum(run["epoch_seconds"]) / max(1, len(run["epoch_seconds"]))
         print(
-            f"{name:<14}{entry['train_loss']:>12.4g}{entry['last100_minibatch_loss']:>13.4g}"
+            f"{name:<{width}}{entry['lr']:>8g}{entry['damping']:>8g}"
+            f"{entry['train_loss']:>12.4g}{entry['last100_minibatch_loss']:>13.4g}"
             f"{100 * entry['test_accuracy']:>12.2f}{entry['test_loss']:>11.4g}"
             f"{seconds:>9.1f}{1e3 * entry['step_seconds_median']:>9.1f}  {entry['diverged_at']}"
         )
         del run["step_seconds"]
     out = Path(args.out)
-    stem = f"ekfac_{dataset}"
+    stem = args.stem or f"ekfac_{dataset}"
     training.write_json(
         out / f"{stem}.json",
         {
@@ -186,13 +260,17 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "threads": args.threads,
             "args": vars(args),
-            "hyperparameters": hp,
+            "default_hyperparameters": default_hp,
+            "hyperparameters": chosen_hp,
             "torch": torch.__version__,
+            "library": str(Path(curvlinalg_torch.__file__).parent),
+            "load_average_before": list(load_before),
+            "load_average_after": list(os.getloadavg()),
             "runs": runs,
             "summary": summary,
         },
     )
-    plt = training.pyplot()
+    plt = None if args.no_plot else training.pyplot()
     if plt is not None:
         figure, axis = plt.subplots(figsize=(7, 4.5))
         window = 50 if steps >= 500 else 1

@@ -1,6 +1,6 @@
 """The EK-FAC benchmark scripts: bench/ekfac_fashion_mnist.py (--quick end to end, the method
-parser) and bench/peer_kronfluence.py (its agreement measures; a clean skip without
-kronfluence)."""
+parser, per-method (lr, λ) and --max-updates) and bench/peer_kronfluence.py (its agreement
+measures; a clean skip without kronfluence)."""
 
 from __future__ import annotations
 
@@ -25,12 +25,37 @@ import peer_kronfluence  # noqa: E402
 
 def test_methods_parse_names_and_periods():
     assert ekfac_fashion_mnist.methods("KFAC T=1, EKFAC T=100") == [
-        ("KFAC T=1", "KFAC", 1),
-        ("EKFAC T=100", "EKFAC", 100),
+        ("KFAC T=1", "KFAC", 1, {}),
+        ("EKFAC T=100", "EKFAC", 100, {}),
     ]
-    for bad in ("EKFAC", "KFAC T=0", "SGD T=1", "EKFAC T=x"):
+    assert ekfac_fashion_mnist.methods(
+        "EKFAC T=10 lr=0.01 damping=3e-1,EKFAC T=10 damping=1,KFAC T=5 lr=.002"
+    ) == [
+        ("EKFAC T=10 lr=0.01 damping=3e-1", "EKFAC", 10, {"lr": 0.01, "damping": 0.3}),
+        ("EKFAC T=10 damping=1", "EKFAC", 10, {"damping": 1.0}),
+        ("KFAC T=5 lr=.002", "KFAC", 5, {"lr": 0.002}),
+    ]
+    bad_names = ("EKFAC", "KFAC T=0", "SGD T=1", "EKFAC T=x", "EKFAC T=2 lr=x")
+    bad_names += ("EKFAC T=2 damping=1 lr=1", "EKFAC T=2 lr=0", "EKFAC T=2,EKFAC T=2")
+    for bad in bad_names:
         with pytest.raises(SystemExit):
             ekfac_fashion_mnist.methods(bad)
+
+
+def test_hyperparameters_name_over_flag_over_kfac_default():
+    default = {"lr": 0.003, "damping": 0.01}
+    args = ekfac_fashion_mnist.parse(["--ekfac-lr", "0.02", "--kfac-damping", "0.05"])
+    pick = ekfac_fashion_mnist.method_hyperparameters
+    assert pick("EKFAC", {}, args, default) == {"lr": 0.02, "damping": 0.01}
+    assert pick("KFAC", {}, args, default) == {"lr": 0.003, "damping": 0.05}
+    assert pick("EKFAC", {"damping": 0.3}, args, default) == {"lr": 0.02, "damping": 0.3}
+    assert pick("KFAC", {"lr": 0.1, "damping": 1.0}, args, default) == {"lr": 0.1, "damping": 1.0}
+    unset = ekfac_fashion_mnist.parse([])
+    assert pick("EKFAC", {}, unset, default) == default
+    assert unset.max_updates is None
+    for bad in (["--ekfac-damping", "0"], ["--kfac-lr", "-1"], ["--max-updates", "0"]):
+        with pytest.raises(SystemExit):
+            ekfac_fashion_mnist.parse(bad)
 
 
 def test_both_methods_use_reproduce_benzings_kfac_hyperparameters():
@@ -60,6 +85,42 @@ def test_ekfac_fashion_mnist_quick(tmp_path):
     # Same initial weights and first batch: the first mini-batch losses coincide.
     first = [run["losses"][0] for run in payload["runs"].values()]
     assert first[0] == pytest.approx(first[1])
+    # Defaults: both methods at K-FAC's (lr, λ), recorded per method.
+    assert payload["hyperparameters"] == {
+        name: {"lr": 0.003, "damping": 0.01} for name in ("KFAC T=2", "EKFAC T=2")
+    }
+    assert (tmp_path / "ekfac_mnist-subset_loss.png").exists() == (
+        importlib.util.find_spec("matplotlib") is not None
+    )
+
+
+@pytest.mark.smoke
+def test_ekfac_fashion_mnist_per_method_hyperparameters_and_max_updates(tmp_path):
+    methods = "EKFAC T=2,EKFAC T=2 lr=0.001 damping=2,KFAC T=2"
+    command = [sys.executable, str(BENCH / "ekfac_fashion_mnist.py"), "--quick"]
+    command += ["--no-progress", "--threads", "1", "--out", str(tmp_path), "--no-plot"]
+    command += ["--max-updates", "2", "--stem", "tune", "--ekfac-lr", "0.002"]
+    command += ["--ekfac-damping", "0.5", "--kfac-damping", "0.02"]
+    command += ["--methods", methods]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=240)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tune.json"]
+    payload = json.loads((tmp_path / "tune.json").read_text())
+    expected = {
+        "EKFAC T=2": {"lr": 0.002, "damping": 0.5},
+        "EKFAC T=2 lr=0.001 damping=2": {"lr": 0.001, "damping": 2.0},
+        "KFAC T=2": {"lr": 0.003, "damping": 0.02},
+    }
+    assert payload["hyperparameters"] == expected
+    assert payload["steps"] == 2
+    for name, hp in expected.items():
+        run = payload["runs"][name]
+        assert len(run["losses"]) == 2
+        assert {k: run["optimizer"][k] for k in hp} == hp
+        assert {k: payload["summary"][name][k] for k in hp} == hp
+    # Same start and batch; the second update sees the first step, which differs with (lr, λ).
+    losses = [payload["runs"][name]["losses"] for name in expected]
+    assert losses[0][0] == pytest.approx(losses[1][0]) == pytest.approx(losses[2][0])
+    assert losses[0][1] != losses[1][1]
 
 
 def test_peer_compare_measures():
