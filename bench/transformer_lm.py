@@ -66,6 +66,7 @@ import re
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,122 @@ def pad(batch: list[list[int]], context: int) -> tuple[list[list[int]], list[lis
         inputs.append(window[:-1] + [PAD_INPUT] * (context - n))
         targets.append(window[1:] + [IGNORE] * (context - n))
     return inputs, targets
+
+
+# --------------------------------------------------------------------------------------
+# Training curves and their summary (framework-free: the JAX script uses them too)
+# --------------------------------------------------------------------------------------
+
+
+def train_curve(
+    name: str,
+    step: Callable[[int], float],
+    validation_loss: Callable[[], float],
+    steps: int,
+    eval_every: int,
+) -> dict[str, Any]:
+    """``steps`` calls of ``step(k)`` (one training step, returning its loss as a float), each
+    timed (``time.perf_counter``); ``validation_loss()`` at step 0, every ``eval_every`` steps
+    and at the end, outside the clock. A step that raises or returns a non-finite loss stops
+    the run and is recorded (``error``, ``diverged_at_step``), not raised."""
+    curve: dict[str, Any] = {
+        "step": [0],
+        "seconds": [0.0],
+        "val_loss": [validation_loss()],
+        "train_loss": [],
+        "diverged_at_step": None,
+        "error": None,
+    }
+    elapsed = 0.0
+    for k in range(steps):
+        start = time.perf_counter()
+        try:
+            loss = step(k)
+        except Exception as error:  # a failing optimizer is a result, not a crash
+            curve["error"] = f"step {k + 1}: {type(error).__name__}: {error}"
+            print(f"{name}: {curve['error']}; stopped", flush=True)
+            break
+        elapsed += time.perf_counter() - start
+        curve["train_loss"].append(loss)
+        if not math.isfinite(loss):
+            curve["diverged_at_step"] = k + 1
+            print(f"{name}: non-finite training loss at step {k + 1}; stopped", flush=True)
+            break
+        if (k + 1) % eval_every == 0 or k + 1 == steps:
+            curve["step"].append(k + 1)
+            curve["seconds"].append(elapsed)
+            curve["val_loss"].append(validation_loss())
+            print(
+                f"{name:>16} step {k + 1:5d}  {elapsed:7.1f} s  train {loss:.4f}  "
+                f"val {curve['val_loss'][-1]:.4f}  load {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
+    curve["load_end"] = list(os.getloadavg())
+    return curve
+
+
+def best_adamw(runs: dict[str, dict[str, Any]], steps: int) -> str:
+    """The ``adamw …`` run with the lowest final validation loss among those that trained all
+    ``steps`` steps with a finite loss."""
+    return min(
+        (n for n in runs if n.startswith("adamw")),
+        key=lambda n: (
+            runs[n]["val_loss"][-1]
+            if math.isfinite(runs[n]["val_loss"][-1]) and len(runs[n]["train_loss"]) == steps
+            else math.inf
+        ),
+    )
+
+
+def add_time_to_target(runs: dict[str, dict[str, Any]], best: str) -> float:
+    """Set every curve's ``time_to_target`` (the first evaluation at or below run ``best``'s
+    final validation loss: step, seconds, fraction of ``best``'s training time; ``None`` if
+    never) and return that target loss."""
+    target = runs[best]["val_loss"][-1]
+    adamw_seconds = runs[best]["seconds"][-1]
+    for curve in runs.values():
+        reached = [i for i, v in enumerate(curve["val_loss"]) if v <= target]
+        if reached:
+            i = reached[0]
+            curve["time_to_target"] = {
+                "step": curve["step"][i],
+                "seconds": curve["seconds"][i],
+                "fraction_of_adamw_time": curve["seconds"][i] / adamw_seconds,
+            }
+        else:
+            curve["time_to_target"] = None
+    return target
+
+
+def summarise_runs(runs: dict[str, dict[str, Any]], target: float) -> dict[str, Any]:
+    """One summary row per run (final validation loss, training seconds, time to target,
+    steps, failure), printed as it is built."""
+    summary = {
+        name: {
+            "final_val_loss": curve["val_loss"][-1],
+            "train_seconds": curve["seconds"][-1],
+            "time_to_target": curve["time_to_target"],
+            "steps_trained": len(curve["train_loss"]),
+            "diverged_at_step": curve["diverged_at_step"],
+            "error": curve["error"],
+        }
+        for name, curve in runs.items()
+    }
+    for name, row in summary.items():
+        reach = row["time_to_target"]
+        reach_text = (
+            f"reaches {target:.4f} at step {reach['step']} "
+            f"({reach['fraction_of_adamw_time']:.2f}× AdamW's time)"
+            if reach
+            else f"does not reach {target:.4f}"
+        )
+        print(
+            f"{name:>16}: final val {row['final_val_loss']:.4f}, "
+            f"{row['train_seconds']:.1f} s; {reach_text}"
+            + (f"; FAILED {row['error']}" if row["error"] else "")
+            + (f"; diverged at step {row['diverged_at_step']}" if row["diverged_at_step"] else "")
+        )
+    return summary
 
 
 # --------------------------------------------------------------------------------------
@@ -406,39 +523,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def train(name: str, adamw_lr: float) -> None:
         model, optimizer, step = fresh(name, adamw_lr, args.steps)
-        curve = {
-            "step": [0],
-            "seconds": [0.0],
-            "val_loss": [validation_loss(model)],
-            "train_loss": [],
-            "diverged_at_step": None,
-            "error": None,
-        }
-        elapsed = 0.0
-        for k in range(args.steps):
-            start = time.perf_counter()
-            try:
-                loss = step(k)
-            except Exception as error:  # a failing optimizer is a result, not a crash
-                curve["error"] = f"step {k + 1}: {type(error).__name__}: {error}"
-                print(f"{name}: {curve['error']}; stopped", flush=True)
-                break
-            elapsed += time.perf_counter() - start
-            curve["train_loss"].append(loss)
-            if not math.isfinite(loss):
-                curve["diverged_at_step"] = k + 1
-                print(f"{name}: non-finite training loss at step {k + 1}; stopped", flush=True)
-                break
-            if (k + 1) % args.eval_every == 0 or k + 1 == args.steps:
-                curve["step"].append(k + 1)
-                curve["seconds"].append(elapsed)
-                curve["val_loss"].append(validation_loss(model))
-                print(
-                    f"{name:>16} step {k + 1:5d}  {elapsed:7.1f} s  train {loss:.4f}  "
-                    f"val {curve['val_loss'][-1]:.4f}  load {os.getloadavg()[0]:.2f}",
-                    flush=True,
-                )
-        curve["load_end"] = list(os.getloadavg())
+        curve = train_curve(name, step, lambda: validation_loss(model), args.steps, args.eval_every)
         if hasattr(optimizer, "layers"):
             curve["captured_layers"] = [layer.name for layer in optimizer.layers]
             curve["skipped_steps"] = optimizer.skipped_steps
@@ -447,33 +532,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in names:
         if name.startswith("adamw"):
             train(name, 0.0)
-    adamw_names = [n for n in names if n.startswith("adamw")]
-    best = min(
-        adamw_names,
-        key=lambda n: (
-            runs[n]["val_loss"][-1]
-            if math.isfinite(runs[n]["val_loss"][-1]) and len(runs[n]["train_loss"]) == args.steps
-            else math.inf
-        ),
-    )
+    best = best_adamw(runs, args.steps)
     best_lr = float(best.split("lr=")[1])
     for name in names:
         if not name.startswith("adamw"):
             train(name, best_lr)
 
-    target = runs[best]["val_loss"][-1]
-    adamw_seconds = runs[best]["seconds"][-1]
-    for curve in runs.values():
-        reached = [i for i, v in enumerate(curve["val_loss"]) if v <= target]
-        if reached:
-            i = reached[0]
-            curve["time_to_target"] = {
-                "step": curve["step"][i],
-                "seconds": curve["seconds"][i],
-                "fraction_of_adamw_time": curve["seconds"][i] / adamw_seconds,
-            }
-        else:
-            curve["time_to_target"] = None
+    target = add_time_to_target(runs, best)
 
     # ---- step time: blocks of consecutive steps, rounds shuffled (bench/timing.py)
     timed_names = [best] + [
@@ -492,31 +557,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     load = timing.load_average()
     print(f"# load average at the end (1, 5, 15 min): {load}")
-    summary = {
-        name: {
-            "final_val_loss": curve["val_loss"][-1],
-            "train_seconds": curve["seconds"][-1],
-            "time_to_target": curve["time_to_target"],
-            "steps_trained": len(curve["train_loss"]),
-            "diverged_at_step": curve["diverged_at_step"],
-            "error": curve["error"],
-        }
-        for name, curve in runs.items()
-    }
-    for name, row in summary.items():
-        reach = row["time_to_target"]
-        reach_text = (
-            f"reaches {target:.4f} at step {reach['step']} "
-            f"({reach['fraction_of_adamw_time']:.2f}× AdamW's time)"
-            if reach
-            else f"does not reach {target:.4f}"
-        )
-        print(
-            f"{name:>16}: final val {row['final_val_loss']:.4f}, "
-            f"{row['train_seconds']:.1f} s; {reach_text}"
-            + (f"; FAILED {row['error']}" if row["error"] else "")
-            + (f"; diverged at step {row['diverged_at_step']}" if row["diverged_at_step"] else "")
-        )
+    summary = summarise_runs(runs, target)
     result = {
         "meta": {
             "script": "transformer_lm.py",
