@@ -26,6 +26,13 @@ All refreshes go through ``jax.lax.cond`` on the step counter, so one ``jax.jit`
 ``update`` serves every step. With ``axis_name`` the factors and ``S_batch`` (means over
 examples) are ``pmean``ed, so ``N`` devices with equal batches compute what one device
 computes on the whole batch.
+
+Padding (``captures.mask``, ``capture_linen(position_mask=)``): the factors and ``S`` are
+means over the kept positions of the ``B_eff`` examples with one (``kron.input_factor``,
+``kron.eigen_correction`` with ``mask=``), so a padded batch — fully padded sequences
+included — gives the state and step of the batch with the padding deleted. Under
+``axis_name`` each device's means are averaged with equal weights (exact when the devices
+keep equally many examples).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import optax
 from curvlinalg import kron, schedule
 
 from . import layout
+from .capture import layer_mask
 from .transforms import (
     _captured_layers,
     _check_axis_name,
@@ -184,12 +192,20 @@ def ekfac(
                 a_eigh: kron.Eigh = a_eigh,
                 g_eigh: kron.Eigh = g_eigh,
             ) -> Array:
+                # With a position mask: a mean over the B_eff examples with a kept position
+                # (a fully padded sequence changes nothing), as for the factors.
                 fresh = kron.eigen_correction(
-                    a_fisher, e_fisher, a_eigh, g_eigh, check_finite=False
+                    a_fisher,
+                    e_fisher,
+                    a_eigh,
+                    g_eigh,
+                    check_finite=False,
+                    mask=layer_mask(batch, e_fisher),
                 )
                 rows = int(e_fisher.shape[0])
                 if rows != batch.batch_size:
-                    # The exact Fisher's C rows per example: S is a mean over the B examples.
+                    # The exact Fisher's C rows per example (each with the example's mask):
+                    # S is a mean over the examples, not over the rows.
                     fresh = fresh * (rows / batch.batch_size)
                 fresh = _pmean(fresh, axis_name)
                 # A new basis restarts the average from this batch's correction.

@@ -165,6 +165,20 @@ def _first_average(count: Array, decay: float, dtype: Any) -> Array:
     return jnp.where(count == 0, jnp.zeros([], dtype), jnp.asarray(decay, dtype))
 
 
+def _example_count(captures: Captures, dtype: Any, axis_name: Any) -> Array:
+    """The ``B`` of the subsampled Fisher ``F = (1/B)·G Gᵀ`` of the whole batch (over the
+    devices too): the number of examples, or with ``captures.mask`` the examples with a kept
+    position (``B_eff``, ``kron.example_count``; at least 1). A fully masked example has
+    zero captures, so it is a zero column of ``G`` and must not count in ``1/B`` either: the
+    step is then the one of the batch without it."""
+    if captures.mask is None:
+        return jnp.asarray(captures.batch_size * _devices(axis_name), dtype)
+    count = kron.example_count(captures.mask, dtype=dtype)
+    if axis_name is not None:
+        count = jax.lax.psum(count, axis_name)
+    return jnp.maximum(count, jnp.ones([], dtype))
+
+
 def _input_factor(a: Array, axis_name: Any, captures: Any = None) -> Array:
     """``A = Σ_{i,t} a_it a_itᵀ / B`` of the whole batch (over devices too): positions summed,
     examples averaged (``kron.input_factor``, KFC's scale, as in ``curvlinalg_torch``); with
@@ -660,7 +674,8 @@ def natural_gradient(
 
     ``G``'s columns are the per-example gradients of ``captures.fisher`` (MC, empirical or
     exact Fisher; ``B`` = the number of examples, also when the exact Fisher has ``B·C``
-    rows). Solved through the Woodbury identity with ``B×B`` work
+    rows; with ``captures.mask`` the examples with a kept position, ``B_eff``, so that a
+    fully padded sequence changes nothing). Solved through the Woodbury identity with ``B×B`` work
     (``curvlinalg.woodbury.factorize(captures, λ, scale=1/B)`` and ``woodbury.solve``);
     ``block_diagonal=True`` uses one Fisher block per layer (``factorize_layers``,
     ``solve_layers``).
@@ -684,9 +699,9 @@ def natural_gradient(
             "and needs fisher_like (captures of one step, e.g. of the first batch) for its shapes"
         )
 
-    def factorize(captures_list: list, dtype: Any, batch: int) -> Any:
+    def factorize(captures_list: list, dtype: Any, batch: Any) -> Any:
         damping_array = jnp.asarray(damping, dtype)
-        scale = jnp.asarray(1.0 / batch, dtype)
+        scale = 1.0 / jnp.asarray(batch, dtype)
         if block_diagonal:
             return woodbury.factorize_layers(
                 captures_list, damping_array, scale, check_finite=False
@@ -720,7 +735,7 @@ def natural_gradient(
         del params, extra_args
         infos, batch = _captured_layers(updates, layers, captures, "natural_gradient", factor_dtype)
         updates = _pmean(updates, axis_name)
-        whole_batch = batch.batch_size * _devices(axis_name)
+        whole_batch = _example_count(batch, infos[0].dtype, axis_name)
         rows = _gather(fisher_list(batch, infos), axis_name)
 
         def build() -> Any:

@@ -448,6 +448,52 @@ def test_masked_positions_count_as_deleted(problem, fisher):
             assert relative_error(actual, wanted) < 1e-10, (field, path)
 
 
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: cj.ekfac(DAMPING), lambda: cj.natural_gradient(DAMPING)],
+    ids=["ekfac", "natural_gradient"],
+)
+def test_fully_padded_sequence_changes_nothing(problem, make, fisher):
+    """A batch with one more, fully padded sequence (``B = 4``, ``B_eff = 3``) takes the
+    EK-FAC and natural-gradient step of the batch without it, for the same incoming
+    gradient: the sequence's captures are zero, and the correction ``S`` and the Fisher
+    ``(1/B_eff)·G Gᵀ`` are means over the ``B_eff`` examples with a kept position (with
+    ``1/B`` both would shrink by 3/4 — the step of a smaller damping — and this fails)."""
+    model, params, tokens, labels, *_ = problem
+    padded_tokens = jnp.concatenate([tokens, jnp.full((1, T), V - 1)], axis=0)
+    padded_labels = jnp.concatenate([labels, jnp.zeros((1, T), labels.dtype)], axis=0)
+    mask = jnp.concatenate([jnp.ones((B, T), bool), jnp.zeros((1, T), bool)], axis=0)
+    tx = make()
+
+    @jax.jit
+    def both(params):
+        _, grads, short = cj.capture_linen(
+            model, params, tokens, labels, token_losses, fisher=fisher
+        )
+        _, _, captures = cj.capture_linen(
+            model,
+            params,
+            padded_tokens,
+            (padded_labels, mask),
+            masked_losses,
+            fisher=fisher,
+            position_mask=mask,
+        )
+        padded = tx.update(grads, tx.init(params), params, captures=captures)
+        deleted = tx.update(grads, tx.init(params), params, captures=short)
+        return padded, deleted
+
+    (updates, state), (expected, expected_state) = both(params)
+
+    def flat(tree):
+        return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
+
+    # Over all leaves at once: some (the key projection's bias) are zero up to rounding.
+    assert relative_error(flat(updates), flat(expected)) < 1e-9
+    assert relative_error(flat(state), flat(expected_state)) < 1e-9
+
+
 def test_mc_labels_skip_masked_positions(problem):
     model, params, tokens, labels, *_ = problem
     mask = jnp.arange(T)[None, :] < jnp.array([[5], [3], [1]])
