@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     timing.pin_threads(args.threads)
     import torch
     import torch.nn.functional as F
-    from curvlinalg_torch import FOOF, KFAC
+    from curvlinalg_torch import EKFAC, FOOF, KFAC
     from curvlinalg_torch.natural_gradient import NaturalGradient
     from torch import nn
     from torch.profiler import ProfilerActivity, profile
@@ -141,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
             m, lr=0.1, damping=1.0, fisher="mc", update_every=1, seed=0, **common
         ),
         "kfac-mc-u10": lambda m: KFAC(
+            m, lr=0.1, damping=1.0, fisher="mc", update_every=10, seed=0, **common
+        ),
+        "ekfac-mc-u1": lambda m: EKFAC(
+            m, lr=0.1, damping=1.0, fisher="mc", update_every=1, seed=0, **common
+        ),
+        "ekfac-mc-u10": lambda m: EKFAC(
             m, lr=0.1, damping=1.0, fisher="mc", update_every=10, seed=0, **common
         ),
         "ng-mc-independent-T10": lambda m: NaturalGradient(

@@ -16,6 +16,7 @@ from curvlinalg_torch import EKFAC, KFAC, capture
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from curvlinalg import kron
 from tests.adapters.test_torch_capture import tiny_net
 from tests.adapters.test_torch_foof import batches, run, sampled_labels
 
@@ -244,6 +245,68 @@ def test_training_lowers_the_loss():
         optimizer.step()
     with torch.no_grad():
         assert F.cross_entropy(model(x), y).item() < 0.5 * initial
+
+
+class DenseGradientEKFAC(EKFAC):
+    """EK-FAC whose step is ``kron.corrected_solve`` of the formed gradient ``∇W`` (the path
+    that convolutions take), the reference for the captures' order of linear layers."""
+
+    def _direction(self, layer, state, damping):
+        return kron.corrected_solve(
+            self._gradient(layer),
+            kron.Eigh(state["A_values"], state["A_vectors"]),
+            kron.Eigh(state["G_values"], state["G_vectors"]),
+            state["S"],
+            damping,
+            check_finite=False,
+        )
+
+
+@pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_linear_steps_from_captures_equal_the_formed_gradient_solve(loss_reduction, masked):
+    """Linear layers rotate ``∇W`` from the captures, ``(e U_G)ᵀ(a U_A)/B``: the steps equal
+    ``corrected_solve(∇W)`` over (B, T, d) sequences, a summed or mean loss, with padding
+    (set_mask), momentum and weight decay, through folds and refreshes (float64, 1e-12)."""
+    generator = torch.Generator().manual_seed(11)
+    data = []
+    for _ in range(5):
+        x = torch.randn(4, 3, 5, generator=generator, dtype=torch.float64)
+        y = torch.randint(0, 3, (4, 3), generator=generator)
+        if masked:
+            y[0, 1:] = -100
+            y[2, 2] = -100
+        data.append((x, y))
+    options = dict(
+        lr=0.2,
+        damping=0.05,
+        momentum=0.9,
+        weight_decay=1e-2,
+        update_every=2,
+        inverse_every=3,
+        factor_dtype=torch.float64,
+        loss_reduction=loss_reduction,
+        seed=2,
+    )
+    histories = []
+    for kind in (EKFAC, DenseGradientEKFAC):
+        model = tiny_mlp()
+        optimizer = kind(model, **options)
+        history = []
+        for x, y in data:
+            optimizer.zero_grad()
+            if masked:
+                optimizer.set_mask(y != -100)
+            logits = model(x)
+            loss = F.cross_entropy(logits.reshape(-1, 3), y.reshape(-1), reduction="sum")
+            (loss if loss_reduction == "sum" else loss / x.shape[0]).backward()
+            optimizer.step()
+            history.append([p.detach().clone() for p in model.parameters()])
+        histories.append(history)
+    for step, (got, want) in enumerate(zip(*histories)):
+        for p, q in zip(got, want):
+            error = torch.linalg.norm(p - q) / torch.linalg.norm(q)
+            assert error <= 1e-12, f"step {step}: relative error {error:.3g}"
 
 
 def test_argument_validation():
