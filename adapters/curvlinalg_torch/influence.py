@@ -41,6 +41,17 @@ returned to its previous mode afterwards; no ``.grad`` is written. Batches are `
 targets, ...)`` sequences: the loss of a batch is ``loss_fn(model(inputs), targets)``.
 Training examples are numbered in the loader's order, so use a loader without shuffling for
 the train side of :meth:`pairwise_scores` and :meth:`top_k`.
+
+Padding (sequence models, ``(B, T, C)`` logits): ``mask_fn(batch)`` gives the positions that
+count, e.g. ``lambda batch: batch[1] != -100`` for labels with ``ignore_index=-100``
+(:meth:`Capture.set_mask` on every pass). The factors are then means over the kept positions
+only — ``A = Σ_kept a aᵀ / N_eff`` with ``N_eff`` the examples with a kept position,
+``G = Σ_kept ẽ ẽᵀ / (kept positions)``, ``S = (1/N_eff) Σ_i (U_Gᵀ g̃_i U_A)²`` — the MC
+labels are drawn at kept positions only, and the scores use ``g_i = Σ_kept e_itᵀ a_it``
+(``query_mask``/``train_mask`` of the core): a padded loader gives the factors and scores
+of the loader with the padding deleted, and a fully padded example scores 0. Without
+``mask_fn`` every position counts, padded ones included (their inputs are not zero in a
+transformer, so ``A`` would be wrong even when the loss ignores them).
 """
 
 from __future__ import annotations
@@ -99,6 +110,10 @@ class Influence:
         factor_dtype: dtype of the factors, eigenbases, captures and scores.
         generator, seed: the ``torch.Generator`` of the MC labels (default: one seeded with
             ``seed`` on the model's device).
+        mask_fn: ``mask_fn(batch)`` → a boolean tensor of the model output's leading shape
+            (``(B, T)`` for sequence logits), ``True`` where the position counts, or ``None``
+            (default: everything counts). Applied to every batch of every pass, query
+            included (module docstring, "Padding").
 
     After :meth:`fit`, :attr:`factors` holds one :class:`LayerFactors` per layer.
     """
@@ -117,6 +132,7 @@ class Influence:
         factor_dtype: torch.dtype = torch.float32,
         generator: torch.Generator | None = None,
         seed: int | None = None,
+        mask_fn: Callable[[Any], Tensor | None] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
@@ -139,6 +155,9 @@ class Influence:
             raise ValueError(f"loss_reduction must be 'mean' or 'sum'; got {loss_reduction!r}")
         if factor_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"factor_dtype must be torch.float32 or float64; got {factor_dtype}")
+        if mask_fn is not None and not callable(mask_fn):
+            raise TypeError(f"mask_fn must be callable or None; got {type(mask_fn).__name__}")
+        self.mask_fn = mask_fn
         self.model = model
         self.loss_fn = loss_fn
         self.strategy: Strategy = strategy
@@ -155,7 +174,7 @@ class Influence:
             )
         self.generator = generator
         self.factors: list[LayerFactors] | None = None
-        self.num_examples = 0  #: training examples seen by :meth:`fit`
+        self.num_examples = 0  #: training examples seen by :meth:`fit` (padded ones included)
 
     # ------------------------------------------------------------------ fitting
 
@@ -168,31 +187,48 @@ class Influence:
             names = [layer.name for layer in capture.layers]
             sums_a: list[Tensor | None] = [None] * len(names)
             sums_g: list[Tensor | None] = [None] * len(names)
+            # Per layer: the examples (with a kept position) and the rows (kept positions)
+            # seen so far, the denominators of the exact means over the loader.
+            examples = [0.0] * len(names)
+            rows = [0.0] * len(names)
             total = 0
             for batch in train_loader:
-                pairs, size = self._batch_captures(capture, batch, which)
-                for index, (a, e) in enumerate(pairs):
-                    # Batch means weighted by the batch size: exact means over the loader.
-                    part_a = kron.input_factor(a, check_finite=False) * size
-                    part_g = kron.factor(e, check_finite=False) * size
+                pairs, size, masks = self._batch_captures(capture, batch, which)
+                for index, ((a, e), mask) in enumerate(zip(pairs, masks)):
+                    # Batch means weighted by their counts: exact means over the loader.
+                    count_a, count_g = _counts(a, mask)
+                    part_a = kron.input_factor(a, check_finite=False, mask=mask) * count_a
+                    part_g = kron.factor(e, check_finite=False, mask=mask) * count_g
                     sums_a[index] = part_a if sums_a[index] is None else sums_a[index] + part_a
                     sums_g[index] = part_g if sums_g[index] is None else sums_g[index] + part_g
+                    examples[index] += count_a
+                    rows[index] += count_g
                 total += size
             if total == 0:
                 raise ValueError("train_loader yielded no batch")
-            factors_a = [s / total for s in sums_a]  # type: ignore[operator]
-            factors_g = [s / total for s in sums_g]  # type: ignore[operator]
+            # An all-padded loader gives zero factors (0 / 1), as the core's masked means.
+            factors_a = [s / max(n, 1.0) for s, n in zip(sums_a, examples)]  # type: ignore[operator]
+            factors_g = [s / max(n, 1.0) for s, n in zip(sums_g, rows)]  # type: ignore[operator]
             eighs = [(_eigh(a), _eigh(g)) for a, g in zip(factors_a, factors_g)]
             if self.strategy == "ekfac":
                 sums_s: list[Tensor | None] = [None] * len(names)
                 for batch in train_loader:
-                    pairs, size = self._batch_captures(capture, batch, which)
-                    for index, ((a, e), (a_eigh, g_eigh)) in enumerate(zip(pairs, eighs)):
+                    pairs, _, masks = self._batch_captures(capture, batch, which)
+                    for index, ((a, e), mask, (a_eigh, g_eigh)) in enumerate(
+                        zip(pairs, masks, eighs)
+                    ):
+                        count_a, _ = _counts(a, mask)
                         part = (
-                            kron.eigen_correction(a, e, a_eigh, g_eigh, check_finite=False) * size
+                            kron.eigen_correction(
+                                a, e, a_eigh, g_eigh, check_finite=False, mask=mask
+                            )
+                            * count_a
                         )
                         sums_s[index] = part if sums_s[index] is None else sums_s[index] + part
-                corrections = [s / total for s in sums_s]  # type: ignore[operator]
+                corrections = [
+                    s / max(n, 1.0)  # type: ignore[operator]
+                    for s, n in zip(sums_s, examples)
+                ]
             else:
                 # K-FAC's eigenvalues s_G s_Aᵀ: P = A⊗G + λI in the same eigenbasis.
                 corrections = [
@@ -255,8 +291,8 @@ class Influence:
         with self._session() as capture:
             query_pairs = self._query_captures(capture, query)
             for batch in train_loader:
-                pairs, _ = self._batch_captures(capture, batch, "data")
-                columns.append(self._scores(query_pairs, pairs))
+                pairs, _, masks = self._batch_captures(capture, batch, "data")
+                columns.append(self._scores(query_pairs, (pairs, masks)))
         if not columns:
             raise ValueError("train_loader yielded no batch")
         return torch.cat(columns, dim=1)
@@ -269,15 +305,15 @@ class Influence:
         parts = []
         with self._session() as capture:
             for batch in loader:
-                pairs, _ = self._batch_captures(capture, batch, "data")
-                if self.damping_rule == "factored":
-                    scores = influence.kfac_self_scores(
-                        pairs, self._preconditioner, check_finite=False
-                    )
-                else:
-                    scores = influence.ekfac_self_scores(
-                        pairs, self._preconditioner, check_finite=False
-                    )
+                pairs, _, masks = self._batch_captures(capture, batch, "data")
+                self_scores = (
+                    influence.kfac_self_scores
+                    if self.damping_rule == "factored"
+                    else influence.ekfac_self_scores
+                )
+                scores = self_scores(
+                    pairs, self._preconditioner, check_finite=False, mask=_core_mask(masks)
+                )
                 parts.append(scores)
         if not parts:
             raise ValueError("loader yielded no batch")
@@ -316,8 +352,8 @@ class Influence:
         with self._session() as capture:
             query_pairs = self._query_captures(capture, query)
             for batch in train_loader:
-                pairs, size = self._batch_captures(capture, batch, "data")
-                scores = self._scores(query_pairs, pairs)
+                pairs, size, masks = self._batch_captures(capture, batch, "data")
+                scores = self._scores(query_pairs, (pairs, masks))
                 indices = torch.arange(offset, offset + size, device=scores.device)
                 indices = indices.expand(scores.shape[0], size)
                 if best_values is not None:
@@ -332,13 +368,19 @@ class Influence:
         _check_k(k, offset)
         return best_values, best_indices  # type: ignore[return-value]
 
-    def _scores(
-        self, query: list[tuple[Tensor, Tensor]], train: list[tuple[Tensor, Tensor]]
-    ) -> Tensor:
+    def _scores(self, query: _Masked, train: _Masked) -> Tensor:
         # Captures were checked finite per batch (_batch_captures).
-        if self.damping_rule == "factored":
-            return influence.kfac_scores(query, train, self._preconditioner, check_finite=False)
-        return influence.ekfac_scores(query, train, self._preconditioner, check_finite=False)
+        scores = (
+            influence.kfac_scores if self.damping_rule == "factored" else influence.ekfac_scores
+        )
+        return scores(
+            query[0],
+            train[0],
+            self._preconditioner,
+            check_finite=False,
+            query_mask=_core_mask(query[1]),
+            train_mask=_core_mask(train[1]),
+        )
 
     # ------------------------------------------------------------------ captures
 
@@ -349,31 +391,38 @@ class Influence:
         if self.factors is None:
             raise RuntimeError("Influence: call fit(train_loader) before computing scores")
 
-    def _query_captures(self, capture: Capture, query: Any) -> list[tuple[Tensor, Tensor]]:
+    def _query_captures(self, capture: Capture, query: Any) -> _Masked:
         batches = [query] if _is_batch(query) else list(query)
         if not batches:
             raise ValueError("query holds no batch")
-        parts = [self._batch_captures(capture, batch, "data")[0] for batch in batches]
+        parts = [self._batch_captures(capture, batch, "data") for batch in batches]
         if len(parts) == 1:
-            return parts[0]
-        return [
-            (torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts]))
-            for i in range(len(parts[0]))
+            return parts[0][0], parts[0][2]
+        layers = range(len(parts[0][0]))
+        pairs = [
+            (torch.cat([p[0][i][0] for p in parts]), torch.cat([p[0][i][1] for p in parts]))
+            for i in layers
         ]
+        if all(mask is None for p in parts for mask in p[2]):
+            return pairs, [None] * len(pairs)
+        masks = [torch.cat([_kept(p[2][i], p[0][i][0]) for p in parts]) for i in layers]
+        return pairs, masks
 
     def _batch_captures(
         self, capture: Capture, batch: Any, which: Literal["data", "sampled"]
-    ) -> tuple[list[tuple[Tensor, Tensor]], int]:
-        """``([(a, e), ...], B)`` of one batch: per-example errors of the data loss
-        (``which="data"``) or of sampled labels (``"sampled"``), in ``factor_dtype``."""
+    ) -> tuple[list[tuple[Tensor, Tensor]], int, list[Tensor | None]]:
+        """``([(a, e), ...], B, masks)`` of one batch: per-example errors of the data loss
+        (``which="data"``) or of sampled labels (``"sampled"``), in ``factor_dtype``, and each
+        layer's mask (``LayerCapture.mask``; ``None`` without ``mask_fn``)."""
         if not _is_batch(batch):
             raise ValueError(
-                "a batch must be a sequence (inputs, targets, ...); got "
-                f"{type(batch).__name__}"
+                f"a batch must be a sequence (inputs, targets, ...); got {type(batch).__name__}"
             )
         inputs, targets = batch[0], batch[1]
         capture.clear()
         try:
+            if self.mask_fn is not None:
+                capture.set_mask(self.mask_fn(batch))
             with torch.enable_grad():
                 output = self.model(inputs)
                 if which == "sampled":
@@ -401,12 +450,16 @@ class Influence:
             for a, e in capture.captures(which):
                 pairs.append((a.to(self.factor_dtype), e.to(self.factor_dtype)))
             size = int(pairs[0][0].shape[0])
-            for (a, e), layer in zip(pairs, capture.layers):
+            masks = [layer.mask for layer in capture.layers]
+            for (a, e), layer, mask in zip(pairs, capture.layers, masks):
+                # The kept positions only: padding may hold anything.
+                if mask is not None:
+                    a = a[mask]
                 if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(e).all())):
                     raise ValueError(
                         f"layer {layer.name!r}: non-finite inputs or output gradients in a batch"
                     )
-            return pairs, size
+            return pairs, size, masks
         finally:
             capture.clear()
 
@@ -433,6 +486,31 @@ class _Session:
     def __exit__(self, *exc: object) -> None:
         self.capture.remove()
         self.owner.model.train(self.training)
+
+
+_Masked = tuple[list[tuple[Tensor, Tensor]], list[Tensor | None]]  # captures and their masks
+
+
+def _counts(a: Tensor, mask: Tensor | None) -> tuple[float, float]:
+    """``(examples, rows)`` of one layer's captures: the denominators of its ``A`` (and
+    ``S``) and of its ``G``. Without a mask ``(B, B·T)``; with one, the examples with a kept
+    position (``B_eff``) and the kept positions."""
+    if mask is None:
+        return float(a.shape[0]), float(a.shape[:-1].numel())
+    examples = mask if mask.ndim == 1 else mask.reshape(mask.shape[0], -1).any(-1)
+    return float(examples.sum()), float(mask.sum())
+
+
+def _kept(mask: Tensor | None, a: Tensor) -> Tensor:
+    """``mask``, or all-True of ``a``'s leading shape (a query batch without a mask)."""
+    if mask is not None:
+        return mask
+    return torch.ones(a.shape[:-1], dtype=torch.bool, device=a.device)
+
+
+def _core_mask(masks: list[Tensor | None]) -> list[Tensor | None] | None:
+    """Per-layer masks for the core's ``mask=`` keywords (``None`` when nothing is masked)."""
+    return None if all(mask is None for mask in masks) else list(masks)
 
 
 def _eigh(m: Tensor) -> kron.Eigh:

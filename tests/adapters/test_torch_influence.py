@@ -247,3 +247,99 @@ def test_float32_factors_agree_with_float64():
     assert scores.dtype == torch.float32
     error = (scores.double() - expected).norm() / expected.norm()
     assert error <= 1e-4, error
+
+
+# --------------------------------------------------------------------------------------
+# Padding (mask_fn)
+# --------------------------------------------------------------------------------------
+
+VOCAB, WIDTH, KEPT, STEPS = 7, 4, 3, 5
+
+
+class PrefixMeanLM(nn.Module):
+    """A causal sequence model: position ``t`` sees the mean of the embeddings up to ``t``,
+    so the kept positions of right-padded sequences compute what the short ones do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.proj = nn.Linear(WIDTH, 6)
+        self.head = nn.Linear(6, VOCAB)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        counts = torch.arange(1, tokens.shape[1] + 1, dtype=x.dtype)[:, None]
+        return self.head(torch.tanh(self.proj(x.cumsum(1) / counts)))
+
+
+def sequence_loss(logits, labels):
+    """Mean over the sequences of their summed token losses (padding: label -100)."""
+    summed = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+    return summed / labels.shape[0]
+
+
+def padded_and_deleted(seed: int, sizes: tuple[int, ...], fully_padded: bool):
+    """Batches of right-padded sequences (``KEPT`` real tokens of ``STEPS``; the padding
+    holds random tokens and label -100), optionally with one fully padded sequence added to
+    the last batch, and the same batches with the padding deleted."""
+    generator = torch.Generator().manual_seed(seed)
+    padded, deleted = [], []
+    for index, size in enumerate(sizes):
+        tokens = torch.randint(0, VOCAB, (size, STEPS), generator=generator)
+        labels = torch.randint(0, VOCAB, (size, STEPS), generator=generator)
+        deleted.append((tokens[:, :KEPT], labels[:, :KEPT]))
+        labels = labels.clone()
+        labels[:, KEPT:] = -100
+        if fully_padded and index == len(sizes) - 1:
+            tokens = torch.cat([tokens, torch.randint(0, VOCAB, (1, STEPS), generator=generator)])
+            labels = torch.cat([labels, torch.full((1, STEPS), -100)])
+        padded.append((tokens, labels))
+    return padded, deleted
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(strategy="ekfac"), dict(strategy="kfac"), dict(strategy="kfac", damping_rule="factored")],
+    ids=["ekfac", "kfac", "kfac-factored"],
+)
+def test_padded_loader_scores_as_with_the_padding_deleted(options):
+    """With ``mask_fn``, a right-padded loader (one fully padded sequence included) gives the
+    factors, correction and scores of the loader with the padding deleted; the fully padded
+    sequence scores 0. Without the mask the padded positions' inputs enter ``A`` (they are
+    not zero) and this fails."""
+    torch.manual_seed(0)
+    model = PrefixMeanLM().double()
+    train, train_deleted = padded_and_deleted(1, (3, 2), fully_padded=True)
+    query, query_deleted = padded_and_deleted(2, (2,), fully_padded=False)
+    common = dict(loss_fn=sequence_loss, damping=DAMPING, factor_dtype=torch.float64, **options)
+    masked = Influence(model, mask_fn=lambda batch: batch[1] != -100, **common).fit(train)
+    plain = Influence(model, **common).fit(train_deleted)
+    assert [layer.name for layer in masked.factors] == ["proj", "head"]
+    for got, want in zip(masked.factors, plain.factors):
+        torch.testing.assert_close(got.a, want.a, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(got.g, want.g, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(got.correction, want.correction, rtol=1e-8, atol=1e-12)
+        assert got.damping == pytest.approx(want.damping, rel=1e-12)
+    scores = masked.pairwise_scores(query[0], train)
+    expected = plain.pairwise_scores(query_deleted[0], train_deleted)
+    assert scores.shape == (2, 6) and expected.shape == (2, 5)
+    torch.testing.assert_close(scores[:, :5], expected, rtol=1e-8, atol=1e-12)
+    assert torch.all(scores[:, 5] == 0)
+    self_scores = masked.self_scores(train)
+    torch.testing.assert_close(
+        self_scores[:5], plain.self_scores(train_deleted), rtol=1e-8, atol=1e-12
+    )
+    assert self_scores[5] == 0
+    # A query of several batches (a fully padded sequence in the last) is their concatenation.
+    several, several_deleted = padded_and_deleted(3, (2, 1), fully_padded=True)
+    scores = masked.pairwise_scores(several, train)
+    expected_several = plain.pairwise_scores(several_deleted, train_deleted)
+    torch.testing.assert_close(scores[:3, :5], expected_several, rtol=1e-8, atol=1e-12)
+    assert torch.all(scores[3] == 0) and torch.all(scores[:, 5] == 0)
+    values, indices = masked.top_k(query, train, k=2)
+    torch.testing.assert_close(values, torch.topk(expected, 2, dim=1).values, rtol=1e-8, atol=1e-12)
+
+
+def test_mask_fn_must_be_callable():
+    with pytest.raises(TypeError, match="mask_fn"):
+        Influence(tiny_mlp(), mask_fn="labels != -100")
