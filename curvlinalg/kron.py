@@ -714,15 +714,28 @@ _CHUNK_ELEMENTS = 2**22
 # Calibrated by bench/bench_ekfac.py (the T > 1 crossover).
 _MATERIALIZE_WEIGHT = 8
 
+# How many times cheaper one multiply-add of eigen_correction's position-pair contraction (one
+# large, well-shaped matmul) is than one of the explicit path's cost above (rank-T batched
+# products and the squaring, at memory speed). Measured with bench/bench_ekfac.py's T sweep
+# (B = 32, d = 256, NumPy/OpenBLAS, 1 thread): pairs faster up to T = 4, equal at T = 6, slower
+# at T = 8, and by a targeted sweep (T = 3…10; d = 256, 512, 128×512 at B = 32, 1024 at B = 8;
+# bench/README.md "EKFAC step time vs SGD", results/ekfac/ekfac_step_auto_sweep.json): NumPy
+# crossover T ≈ 6.5–8.5, torch (CPU) T ≈ 7.5–11. With 1 (the unweighted count) "auto"
+# switched to explicit at T = 4, where pairs was 1.4–6× faster; with 3, T² ≤ 3(T + 8) puts
+# the switch between T = 6 and 7 (for d_in·d_out ≫ d_in + d_out), at NumPy's crossover and on
+# the safe side of torch's.
+_PAIRS_SPEEDUP = 3
+
 
 def _correction_method(method: str, positions: int, d_in: int, d_out: int) -> str:
     """Resolve ``method`` for per-example squared rotated gradients of one layer."""
     if method == "auto":
         # Per example: T² position pairs, each a d_out×d_in rank-one term, against forming
-        # the rotated gradient (T rank-one terms) and touching it.
+        # the rotated gradient (T rank-one terms) and touching it; the pairs' multiply-adds
+        # are _PAIRS_SPEEDUP times cheaper.
         pairs = positions * positions * (d_in * d_out + d_in + d_out)
         explicit = (positions + _MATERIALIZE_WEIGHT) * d_in * d_out
-        return "pairs" if pairs <= explicit else "explicit"
+        return "pairs" if pairs <= _PAIRS_SPEEDUP * explicit else "explicit"
     if method in ("explicit", "pairs"):
         return method
     raise ValueError(f"method must be 'auto', 'explicit' or 'pairs'; got {method!r}")

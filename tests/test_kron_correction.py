@@ -130,7 +130,19 @@ def test_eigen_correction_is_the_diagonal_of_the_fisher_in_the_kronecker_eigenba
 
 @pytest.mark.parametrize(
     "positions, d_in, d_out, expected",
-    [(1, 4, 4, "pairs"), (2, 8, 8, "pairs"), (8, 4, 4, "explicit"), (128, 256, 256, "explicit")],
+    [
+        (1, 4, 4, "pairs"),
+        (2, 8, 8, "pairs"),
+        (8, 4, 4, "explicit"),
+        (128, 256, 256, "explicit"),
+        # The measured crossover (bench/README.md, bench_ekfac.py T sweep): pairs is faster up
+        # to T ≈ 6 at d = 256, 512 and 1024 and slower from T ≈ 7–10.
+        (4, 256, 256, "pairs"),
+        (6, 256, 256, "pairs"),
+        (7, 256, 256, "explicit"),
+        (6, 128, 512, "pairs"),
+        (8, 512, 512, "explicit"),
+    ],
 )
 def test_auto_picks_pairs_for_few_positions_and_explicit_for_many(
     positions: int, d_in: int, d_out: int, expected: str
