@@ -144,6 +144,35 @@ def method_hyperparameters(
     return chosen
 
 
+class StopOnOverflow:
+    """``optimizer`` whose ``step`` reports the core's refusal of a non-finite eigenvalue
+    correction as ``curvlinalg.NotPositiveDefiniteError``, which ``training.train`` records as a
+    divergence (``diverged_at``) and goes on with the next method.
+
+    Why: in a diverging EK-FAC run the captures can stay finite while the correction (their
+    projected squares) overflows; ``kron.ema`` then raises ``ValueError("… contains NaN or
+    infinite values")``, which would end the whole tuning grid. Any other error propagates.
+    """
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, *args: Any) -> Any:
+        from curvlinalg import NotPositiveDefiniteError
+
+        try:
+            return self.optimizer.step(*args)
+        except NotPositiveDefiniteError:
+            raise
+        except ValueError as error:
+            if "NaN or infinite" not in str(error):
+                raise
+            raise NotPositiveDefiniteError(f"non-finite curvature ({error})") from error
+
+
 def make_optimizer(kind: str, period: int, model: Any, seed: int, hp: dict[str, float]) -> Any:
     from curvlinalg_torch import EKFAC, KFAC
 
@@ -195,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         model = training.benzing_mlp(args.seed, widths)
         run = training.train(
             model,
-            make_optimizer(kind, period, model, args.seed, hp),
+            StopOnOverflow(make_optimizer(kind, period, model, args.seed, hp)),
             x_train,
             y_train,
             batches,

@@ -62,6 +62,35 @@ def test_both_methods_use_reproduce_benzings_kfac_hyperparameters():
     assert ekfac_fashion_mnist.hyperparameters() == pytest.approx({"lr": 0.003, "damping": 0.01})
 
 
+def test_stop_on_overflow_turns_only_the_non_finite_refusal_into_a_divergence():
+    from curvlinalg import NotPositiveDefiniteError
+
+    class Raising:
+        def __init__(self, error):
+            self.error, self.zeroed = error, []
+
+        def zero_grad(self, set_to_none=True):
+            self.zeroed.append(set_to_none)
+
+        def step(self, *args):
+            if self.error is not None:
+                raise self.error
+            return args
+
+    overflow = ValueError("layer '6': new contains NaN or infinite values")
+    with pytest.raises(NotPositiveDefiniteError, match="non-finite curvature") as caught:
+        ekfac_fashion_mnist.StopOnOverflow(Raising(overflow)).step()
+    assert caught.value.__cause__ is overflow
+    for other in (ValueError("lr must be positive"), NotPositiveDefiniteError("G"), KeyError(1)):
+        with pytest.raises(type(other)) as caught:
+            ekfac_fashion_mnist.StopOnOverflow(Raising(other)).step()
+        assert caught.value is other
+    fine = Raising(None)
+    wrapped = ekfac_fashion_mnist.StopOnOverflow(fine)
+    wrapped.zero_grad(set_to_none=False)
+    assert fine.zeroed == [False] and wrapped.step("closure") == ("closure",)
+
+
 @pytest.mark.smoke
 def test_ekfac_fashion_mnist_quick(tmp_path):
     command = [
