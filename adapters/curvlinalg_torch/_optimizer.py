@@ -666,6 +666,22 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         ]
         return chosen
 
+    def _check_single_pass(self) -> None:
+        """Refuse a step after gradient accumulation over several forward/backward passes,
+        before anything (gradients included) has been touched."""
+        late = self.capture.forward_after_backward
+        if late is not None:
+            # The calls of later forwards would count as positions of the first batch's
+            # examples (repeated calls), and each micro-batch's errors are those of its own
+            # share of the loss: factors and steps of neither the micro-batches nor their
+            # union. Refused rather than stepped on silently.
+            raise RuntimeError(
+                f"{type(self).__name__}.step(): layer {late!r} ran a forward pass after a "
+                "backward pass since zero_grad() — gradient accumulation over micro-batches "
+                "is not supported by the curvature optimizers. Step after every backward "
+                "(one micro-batch per step), or run the micro-batches as one batch"
+            )
+
     def _check_fresh(self, active: list[tuple[int, LayerCapture]]) -> None:
         """Refuse a step without a new backward since the last one (it would re-apply stale
         gradients of the fallback parameters and advance the schedule)."""
@@ -805,6 +821,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_single_pass()
         self._unscale(grad_scaler)
         committed = self._layer_state
         try:

@@ -290,8 +290,10 @@ class _Tap(torch.autograd.Function):
         sampled = capture._sampled_pass
         if sampled:
             call.sampled_errors = grad_output
-        elif capture.errors:
-            call.errors = grad_output if capture._scale_is_one else grad_output * _batch(call)
+        else:
+            capture._backward_seen = True
+            if capture.errors:
+                call.errors = grad_output if capture._scale_is_one else grad_output * _batch(call)
         x, weight = ctx.saved_tensors
         want_x = ctx.needs_input_grad[0]
         want_params = capture.weight_grads and not sampled
@@ -357,6 +359,8 @@ class LayerCapture:
         if not capture.enabled or not torch.is_grad_enabled() or not output.requires_grad:
             return None
         x = args[0]
+        if capture._backward_seen and capture.forward_after_backward is None:
+            capture.forward_after_backward = self.name
         call = _Call(inputs=x.detach(), version=x._version, output=output.detach())
         self._calls.append(call)
         self._cache.clear()
@@ -858,6 +862,13 @@ class Capture:
         #: The positions that count (:meth:`set_mask`), or ``None``.
         self.mask: Tensor | None = None
         self._sampled_pass = False
+        # A data backward has run through a captured layer since the last clear().
+        self._backward_seen = False
+        #: The first layer recorded in a forward pass that came after a backward pass since
+        #: the last :meth:`clear` (``None`` if none): the sign of gradient accumulation over
+        #: micro-batches, whose calls the captures cannot tell from repeated calls of one
+        #: forward (the optimizers refuse to step on it).
+        self.forward_after_backward: str | None = None
         self.layers: list[LayerCapture] = []
         for name, module in chosen:
             self.layers.append(LayerCapture(self, name, module))
@@ -883,6 +894,8 @@ class Capture:
     def clear(self) -> None:
         """Forget every recorded call (and the tensors it references) and the mask."""
         self.mask = None
+        self._backward_seen = False
+        self.forward_after_backward = None
         for layer in self.layers:
             layer._clear()
 

@@ -189,6 +189,12 @@ def fisher_errors(
     return stacked, len(seeds)
 
 
+def _per_position(weights: Tensor, a: Tensor) -> Tensor:
+    """``weights`` (one per row of the ``(N, [T,] d)`` captures ``a``) repeated over ``a``'s
+    positions, in the order of ``a.reshape(-1, d)``'s rows."""
+    return weights if a.ndim == 2 else weights.repeat_interleave(int(a.shape[1]))
+
+
 def _repeat_rows(a: Tensor, rows: int) -> Tensor:
     """Each example's inputs repeated ``rows`` times, example-major (row ``i·rows + c``)."""
     return a if rows == 1 else a.repeat_interleave(rows, dim=0)
@@ -522,6 +528,7 @@ class NaturalGradient(CurvatureOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_single_pass()
         self._unscale(grad_scaler)
         try:
             self._check_damping(self.param_groups[0]["damping"])
@@ -729,12 +736,13 @@ class NaturalGradient(CurvatureOptimizer):
             # temporary. The weight and bias columns of a are split here, each copied once
             # into a contiguous array (the GEMM's fast path).
             (a_d, e_d), (a_f, e_f) = data_pair, fisher_pair
-            positions = 1 if a_d.ndim == 2 else int(a_d.shape[1])
             d_in, d_out = int(a_d.shape[-1]), int(e_d.shape[-1])
             d_w = d_in - int(layer.has_bias)
-            weights = torch.cat([c / damping, q * correction_scale])
-            if positions > 1:
-                weights = weights.repeat_interleave(positions)
+            # One weight per example (data) or Fisher row, repeated over its positions; the
+            # kept Fisher may have other positions than this batch (weight sharing).
+            weights = torch.cat(
+                [_per_position(c / damping, a_d), _per_position(q * correction_scale, a_f)]
+            )
             left = torch.cat([e_d.reshape(-1, d_out), e_f.reshape(-1, d_out)]) * weights[:, None]
             rows_d, rows_f = a_d.reshape(-1, d_in), a_f.reshape(-1, d_in)
             right_w = torch.cat([rows_d[:, :d_w], rows_f[:, :d_w]])

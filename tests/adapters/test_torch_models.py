@@ -31,8 +31,13 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
         model, lr=LR, damping=0.5, fisher="mc", seed=0, factor_dtype=DTYPE, **kw
     ),
     "kfac-empirical-exact": lambda model, **kw: KFAC(
-        model, lr=LR, damping=0.5, fisher="empirical", damping_rule="exact",
-        factor_dtype=DTYPE, **kw,
+        model,
+        lr=LR,
+        damping=0.5,
+        fisher="empirical",
+        damping_rule="exact",
+        factor_dtype=DTYPE,
+        **kw,
     ),
     "ng-mc": lambda model, **kw: NaturalGradient(
         model, lr=LR, damping=0.5, fisher="mc", seed=0, **kw
@@ -41,8 +46,13 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
         model, lr=LR, damping=0.5, fisher="exact", structure="layerwise", **kw
     ),
     "ng-empirical-independent": lambda model, **kw: NaturalGradient(
-        model, lr=LR, damping=0.5, fisher="empirical", fisher_batch="independent",
-        refresh_every=2, **kw,
+        model,
+        lr=LR,
+        damping=0.5,
+        fisher="empirical",
+        fisher_batch="independent",
+        refresh_every=2,
+        **kw,
     ),
     "kldwrm-so-mc": lambda model, **kw: KLDWRM(
         model, lr=LR, variant="so", damping=0.5, fisher="mc", seed=0, factor_dtype=DTYPE, **kw
@@ -135,7 +145,12 @@ def test_frozen_parameters_stay_in_the_qe_inner_loop():
     model = mlp()
     model[4].bias.requires_grad_(False)
     optimizer = KLDWRM(
-        model, lr=LR, variant="qe", fisher="empirical", inner_steps=2, capacity=2,
+        model,
+        lr=LR,
+        variant="qe",
+        fisher="empirical",
+        inner_steps=2,
+        capacity=2,
         factor_dtype=DTYPE,
     )
     model[2].weight.requires_grad_(False)
@@ -398,6 +413,39 @@ def test_step_without_a_new_backward_is_refused(name: str):
     assert optimizer.steps == steps + 1
 
 
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_gradient_accumulation_over_micro_batches_is_refused(name: str):
+    """Two forward/backward passes before one step (gradient accumulation) would make the
+    second micro-batch's calls positions of the first's examples: refused loudly, with the
+    model, the layer states and every .grad untouched; one forward with weight sharing
+    (several calls before the backward) and the next ordinary step still work."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)).to(DTYPE)
+    optimizer = OPTIMIZERS[name](model)
+    x, y = data()
+    train_step(optimizer, model, x, y)
+    before, steps, saved = snapshot(model), optimizer.steps, state_copy(optimizer)
+    optimizer.zero_grad()
+    for part in (slice(0, 4), slice(4, 8)):
+        (F.cross_entropy(model(x[part]), y[part]) / 2).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    with pytest.raises(RuntimeError, match="gradient accumulation over micro-batches"):
+        optimizer.step()
+    assert optimizer.steps == steps
+    assert_same_state(optimizer, saved)
+    for key, value in snapshot(model).items():
+        assert torch.equal(value, before[key])
+    for n, p in model.named_parameters():
+        if n in grads:
+            assert torch.equal(p.grad, grads[n]), n
+    # Two calls in one forward, one backward: not accumulation.
+    optimizer.zero_grad()
+    F.cross_entropy(model(x[:4]) + model(x[4:]), y[:4]).backward()
+    optimizer.step()
+    train_step(optimizer, model, x, y)
+    assert optimizer.steps == steps + 2
+
+
 # --------------------------------------------------------------------------------------
 # 7. Failure-safe steps
 # --------------------------------------------------------------------------------------
@@ -506,9 +554,7 @@ def test_load_state_dict_of_other_shapes_is_refused_naming_the_layer():
     torch.manual_seed(0)
     other = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
     with pytest.raises(ValueError, match="layer '0'"):
-        KFAC(other, lr=LR, damping=0.5, fisher="empirical").load_state_dict(
-            optimizer.state_dict()
-        )
+        KFAC(other, lr=LR, damping=0.5, fisher="empirical").load_state_dict(optimizer.state_dict())
     scaled = nn.Sequential(nn.Linear(4, 5), Scale((5,)), nn.Linear(5, 3)).to(DTYPE)
     saved = FOOF(scaled, lr=LR, damping=0.5, momentum=0.9)
     train_step(saved, scaled, x, y)
@@ -563,8 +609,13 @@ def test_other_optimizer_is_adamw_with_its_state_in_the_state_dict():
     model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)).to(DTYPE)
     kwargs = {"betas": (0.8, 0.9), "weight_decay": 0.1}
     make = lambda m: KFAC(  # noqa: E731
-        m, lr=LR, damping=0.5, fisher="empirical", other_lr=0.01,
-        other_optimizer=torch.optim.AdamW, other_optimizer_kwargs=kwargs,
+        m,
+        lr=LR,
+        damping=0.5,
+        fisher="empirical",
+        other_lr=0.01,
+        other_optimizer=torch.optim.AdamW,
+        other_optimizer_kwargs=kwargs,
     )
     optimizer = make(model)
     shadow = [p.detach().clone().requires_grad_(True) for p in model[1].parameters()]

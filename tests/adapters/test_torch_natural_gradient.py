@@ -293,6 +293,52 @@ def test_independent_batch_reuses_previous_factorisation(kind: str) -> None:
     assert_close((before - parameters_vector(model)) / LR, expected1)
 
 
+class SmallMlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(4, 5)
+        self.head = nn.Linear(5, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.hidden(x)))
+
+
+def test_kept_fisher_preconditions_a_weight_sharing_step() -> None:
+    """The kept Fisher of a plain batch (one call per layer) preconditions the gradient of a
+    later step whose forward calls every layer twice (weight sharing: two positions per
+    example). Its rows and the batch's have different position counts; the step is
+    ``(λI + F_0)⁻¹ ∇_1`` with ``∇_1`` autograd's gradient of the shared loss."""
+    model = make_model(kind=SmallMlp)
+    x0, y0 = make_batch(1, batch=5, shape=(4,))
+    x1, y1 = make_batch(2, batch=6, shape=(4,))
+    opt = NaturalGradient(
+        model,
+        lr=LR,
+        damping=LAMBDA,
+        fisher="empirical",
+        fisher_batch="independent",
+        refresh_every=2,
+    )
+    jac0, p0 = jacobians(model, x0)
+    fisher0 = dense_fisher(jac0, p0, "empirical", y0)
+    train_step(model, opt, x0, y0)
+
+    def shared_loss(net: nn.Module) -> torch.Tensor:
+        return F.cross_entropy(net(x1[:3]) + net(x1[3:]), y1[:3])
+
+    clean = SmallMlp().to(DTYPE)
+    clean.load_state_dict(model.state_dict())
+    names = [n for n, _ in clean.named_parameters()]
+    grads = torch.autograd.grad(shared_loss(clean), list(clean.parameters()))
+    gradient = to_blocks(dict(zip(names, grads)), clean, 0)
+    expected = dense_direction(fisher0, gradient, "full", block_sizes(model))
+    before = parameters_vector(model)
+    opt.zero_grad()
+    shared_loss(model).backward()
+    opt.step()
+    assert_close((before - parameters_vector(model)) / LR, expected)
+
+
 @pytest.mark.parametrize("structure", ["full", "layerwise"])
 @pytest.mark.parametrize(("kind", "fisher_batch"), [("mc", "independent"), ("exact", "same")])
 def test_cross_gram_path_equals_dense_solve(kind: str, fisher_batch: str, structure: str) -> None:
