@@ -23,8 +23,9 @@ at which EK-FAC diverges). A method name may also carry its own, ``"EKFAC T=100 
 damping=0.3"`` (that order, either optional), so that one call runs a small grid from the same
 weights, batches and MC labels. ``--max-updates N`` stops every method after ``N`` updates
 (tuning runs); ``--stem`` names the output files (default ``ekfac_<dataset>``), ``--no-plot``
-skips the figure. The JSON records every method's (lr, λ) (``runs[name]["optimizer"]`` and
-``hyperparameters[name]``).
+skips the figure; ``--collect A.json B.json …`` trains nothing and writes the tuning table
+of those runs (``collect``) to ``--out``/``ekfac_tuning.json``. The JSON records every
+method's (lr, λ) (``runs[name]["optimizer"]`` and ``hyperparameters[name]``).
 
 Logged per method: the mini-batch loss of every update, the wall time of every epoch (sum of
 the step times), the whole-training-set loss, test loss and accuracy at the end. Output:
@@ -46,6 +47,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -83,6 +85,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--stem", default=None, help="output file names (default ekfac_<dataset>)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--collect",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="no training: gather these runs' JSONs into --out/<--stem or ekfac_tuning>.json",
+    )
     parser.add_argument("--out", default=None, help="default bench/results/ekfac")
     parser.add_argument("--quick", action="store_true", help="smoke run (seconds)")
     parser.add_argument("--no-progress", action="store_true")
@@ -189,8 +198,70 @@ def make_optimizer(kind: str, period: int, model: Any, seed: int, hp: dict[str, 
     )
 
 
+DIVERGED_LOSS = 10.0  # a final train loss above this (4× the initial ≈ 2.3) counts as diverged
+
+
+def collect(paths: list[str]) -> dict[str, Any]:
+    """The tuning table of several runs' JSONs (e.g. grids with ``--max-updates``): one row per
+    method (kind, lr, λ, losses, test accuracy, ``diverged``: stopped on a non-finite loss or
+    curvature, or whole-set train loss above ``DIVERGED_LOSS`` or NaN) and ``best[kind]``, the
+    row of lowest whole-set train loss among each kind's non-diverged rows. Every file must
+    have the same dataset, seed and number of updates (one grid)."""
+    rows: list[dict[str, Any]] = []
+    parts: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        payload = json.loads(Path(path).read_text())
+        parts[Path(path).name] = {
+            key: payload.get(key)
+            for key in ("dataset", "seed", "steps", "threads", "library")
+            + ("load_average_before", "load_average_after")
+        }
+        for name, entry in payload["summary"].items():
+            loss = entry["train_loss"]  # None: NaN (write_json stores non-finite as null)
+            diverged = entry["diverged_at"] is not None or loss is None or loss > DIVERGED_LOSS
+            rows.append(
+                {
+                    "file": Path(path).name,
+                    "name": name,
+                    "kind": payload["runs"][name]["optimizer"]["kind"],
+                    "lr": entry["lr"],
+                    "damping": entry["damping"],
+                    "train_loss": loss,
+                    "last100_minibatch_loss": entry["last100_minibatch_loss"],
+                    "test_accuracy": entry["test_accuracy"],
+                    "diverged_at": entry["diverged_at"],
+                    "diverged": diverged,
+                }
+            )
+    settings = {(part["dataset"], part["seed"], part["steps"]) for part in parts.values()}
+    if len(settings) != 1:
+        raise SystemExit(f"--collect: the files mix (dataset, seed, updates) {sorted(settings)}")
+    best = {}
+    for kind in sorted({row["kind"] for row in rows}):
+        stable = [row for row in rows if row["kind"] == kind and not row["diverged"]]
+        if stable:
+            best[kind] = min(stable, key=lambda row: row["train_loss"])
+    return {
+        "rule": (
+            "per kind: lowest whole-training-set loss after the grid's updates, among the runs "
+            f"that did not diverge (non-finite loss or curvature, or train loss > {DIVERGED_LOSS})"
+        ),
+        "parts": parts,
+        "rows": rows,
+        "best": best,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.collect is not None:
+        table = collect(args.collect)
+        path = Path(args.out) / f"{args.stem or 'ekfac_tuning'}.json"
+        training.write_json(path, {"experiment": "(lr, λ) grids", **table})
+        for kind, row in table["best"].items():
+            print(f"{kind}: best lr {row['lr']:g}, λ {row['damping']:g} ({row['train_loss']:.4g})")
+        print(f"wrote {path}")
+        return 0
     chosen = methods(args.methods)
     training.limit_threads(args.threads)
     import curvlinalg_torch
@@ -304,8 +375,17 @@ def main(argv: list[str] | None = None) -> int:
         figure, axis = plt.subplots(figsize=(7, 4.5))
         window = 50 if steps >= 500 else 1
         for name, run in runs.items():
-            training.plot_mean_std(axis, [run["losses"]], name, window)
+            hp = chosen_hp[name]
+            label = name if "lr=" in name else f"{name} lr={hp['lr']:g} damping={hp['damping']:g}"
+            if run["diverged_at"] is None:
+                training.plot_mean_std(axis, [run["losses"]], label, window)
+            else:  # its few raw losses, marked; the axis is cut at 10 below
+                label += f" (diverged at update {run['diverged_at'] + 1})"
+                updates = range(1, len(run["losses"]) + 1)
+                axis.plot(updates, run["losses"], "x--", label=label)
         axis.set_yscale("log")
+        if any(run["diverged_at"] is not None for run in runs.values()):
+            axis.set_ylim(top=10.0)
         axis.set_xlabel("update")
         smoothing = f" (moving mean of {window})" if window > 1 else ""
         axis.set_ylabel(f"training mini-batch loss{smoothing}")

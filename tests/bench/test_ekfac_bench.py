@@ -152,6 +152,45 @@ def test_ekfac_fashion_mnist_per_method_hyperparameters_and_max_updates(tmp_path
     assert losses[0][1] != losses[1][1]
 
 
+def test_collect_picks_each_kinds_lowest_train_loss_among_stable_runs(tmp_path):
+    def part(path, seed, entries):
+        runs = {name: {"optimizer": {"kind": name.split()[0]}} for name in entries}
+        summary = {
+            name: {"lr": lr, "damping": d, "train_loss": loss, "diverged_at": at}
+            | {"last100_minibatch_loss": loss, "test_accuracy": 0.5}
+            for name, (lr, d, loss, at) in entries.items()
+        }
+        payload = {"dataset": "fashion-mnist", "seed": seed, "steps": 150}
+        path.write_text(json.dumps(payload | {"runs": runs, "summary": summary}))
+        return str(path)
+
+    first = part(
+        tmp_path / "a.json",
+        1,
+        {
+            "EKFAC T=100 lr=0.01 damping=0.1": (0.01, 0.1, 0.40, None),
+            "EKFAC T=100 lr=0.003 damping=0.01": (0.003, 0.01, None, 7),  # NaN: diverged
+            "EKFAC T=100 lr=0.03 damping=0.03": (0.03, 0.03, 0.01, 4),  # stopped: diverged
+            "KFAC T=100 lr=0.003 damping=0.001": (0.003, 0.001, 1e25, None),  # blew up
+            "KFAC T=100 lr=0.003 damping=0.01": (0.003, 0.01, 0.36, None),
+        },
+    )
+    second = part(
+        tmp_path / "b.json", 1, {"EKFAC T=100 lr=0.003 damping=0.03": (3e-3, 0.03, 0.39, None)}
+    )
+    table = ekfac_fashion_mnist.collect([first, second])
+    assert len(table["rows"]) == 6
+    assert [row["diverged"] for row in table["rows"]] == [False, True, True, True, False, False]
+    assert table["best"]["EKFAC"]["name"] == "EKFAC T=100 lr=0.003 damping=0.03"
+    assert table["best"]["KFAC"]["damping"] == 0.01
+    ekfac_fashion_mnist.main(["--collect", first, second, "--out", str(tmp_path), "--stem", "t"])
+    written = json.loads((tmp_path / "t.json").read_text())
+    assert written["best"]["EKFAC"]["lr"] == 0.003 and written["rows"] == table["rows"]
+    other_seed = part(tmp_path / "c.json", 2, {"KFAC T=100": (0.003, 0.01, 0.3, None)})
+    with pytest.raises(SystemExit, match="mix"):
+        ekfac_fashion_mnist.collect([first, other_seed])
+
+
 def test_peer_compare_measures():
     rng = np.random.default_rng(0)
     y = rng.standard_normal((3, 40))
