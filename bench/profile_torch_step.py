@@ -2,7 +2,8 @@
 
 Model: MLP 784-1000-1000-1000-10 (ReLU, biases), batch 100, float32, CPU, threads pinned
 (``--threads``, default 2); the same optimizer settings as ``bench_torch_step.py`` (momentum
-0.9, λ = 1, inverses every 100 steps) and ``bench_torch_natural_gradient.py``'s target
+0.9, λ = 1, inverses/eigenbases every 100 steps; FOOF at ``update_every`` 1, K-FAC and EK-FAC
+(MC Fisher) at 1 and 10) and ``bench_torch_natural_gradient.py``'s target
 (``NaturalGradient`` MC Fisher of an independent batch, refresh every 10). Each configuration
 runs ``--warmup`` untimed steps, then ``--steps`` consecutive steps (a multiple of 10: whole
 factor periods) under ``torch.profiler`` (CPU activities, shapes recorded). Reported per step:
@@ -23,6 +24,7 @@ Usage::
 
     python bench/profile_torch_step.py                 # all configurations, 2 threads
     python bench/profile_torch_step.py --only foof,kfac-mc-u1 --steps 20
+    python bench/profile_torch_step.py --threads 1 --only ekfac-mc-u1,ekfac-mc-u10
     python bench/profile_torch_step.py --json PATH     # also the numbers as JSON
 """
 
