@@ -911,9 +911,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             directions = [self._dense(direction) for direction in directions]
             self._average_over_ranks(directions + self._other_grads_to_average())
         parts = [t for d in directions for t in (d[:2] if isinstance(d, tuple) else (d,))]
+        parts += self._refreshed_state()
         if parts and not self._all_finite(parts):
             return None
         return directions
+
+    def _refreshed_state(self) -> list[Tensor]:
+        """Tensors of this step's refreshes that the steps may not reveal when non-finite
+        (e.g. an overflowing EK-FAC correction, which divides the step to zero), checked with
+        the steps; the subclass forgets them."""
+        return []
 
     def _all_finite(self, tensors: list[Tensor]) -> bool:
         """Whether every tensor is finite (one reduction each, one host sync; shared over the

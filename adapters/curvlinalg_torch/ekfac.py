@@ -144,6 +144,9 @@ class EKFAC(KFAC):
         # Set while the base class spreads the eigendecompositions over the ranks: the fresh
         # correction then waits until every rank has the new basis.
         self._spreading = False
+        # Fresh corrections of this step's refreshes: a non-finite one skips the step (an
+        # infinite S divides the step to zero, which the check of the steps cannot see).
+        self._fresh_corrections: list[Tensor] = []
 
     # ------------------------------------------------------------------ schedule
 
@@ -177,7 +180,12 @@ class EKFAC(KFAC):
         super()._accumulate(layer, state)
         if "S" in state and not self._basis_due(state):
             # On a refresh step the correction is re-estimated after the new basis instead.
-            state["S"] = kron.ema(state["S"], self._batch_correction(layer, state), self.ema_decay)
+            # An overflowing correction (a diverging run: captures still finite) is one more
+            # new factor: the base class skips the step on it, with every state untouched.
+            state["S"] = kron.ema(
+                state["S"], self._batch_correction(layer, state), self.ema_decay, check_finite=False
+            )
+            self._new_factors.append(state["S"])
             if self.distributed:
                 self._folded_corrections.append(state["S"])
 
@@ -190,11 +198,17 @@ class EKFAC(KFAC):
     def _on_skip(self) -> None:
         super()._on_skip()
         self._folded_corrections = []
+        self._fresh_corrections = []
+
+    def _refreshed_state(self) -> list[Tensor]:
+        fresh, self._fresh_corrections = self._fresh_corrections, []
+        return super()._refreshed_state() + fresh
 
     def _refresh(self, layer: LayerCapture, state: dict[str, Tensor], damping: Any) -> None:
         super()._refresh(layer, state, damping)  # eigenbases (KFAC's exact rule)
         if not self._spreading:
             state["S"] = self._batch_correction(layer, state)
+            self._fresh_corrections.append(state["S"])
 
     def _refresh_spread(self, stale: list[tuple[int, LayerCapture]], damping: Any) -> None:
         self._spreading = True
@@ -208,6 +222,7 @@ class EKFAC(KFAC):
         averaged = self._reduce_over_ranks(corrections, mean=True)
         for (index, _), correction in zip(stale, averaged):
             self._layer_state[index]["S"] = correction
+        self._fresh_corrections += list(averaged)
 
     # ------------------------------------------------------------------ the step
 

@@ -230,6 +230,42 @@ def test_non_finite_step_is_skipped_and_leaves_every_state_untouched():
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("inverse_every", [1, 10], ids=["refresh-step", "fold-step"])
+def test_overflowing_correction_is_skipped_and_leaves_every_state_untouched(
+    monkeypatch, inverse_every
+):
+    """A diverging run can overflow the eigenvalue correction while the captures and factors
+    are still finite: the step is skipped (failure rule) on a refresh step (fresh ``S``) and
+    on a fold step (``kron.ema`` of ``S``), instead of raising from the average."""
+    import curvlinalg_torch.ekfac as ekfac_module
+
+    model = tiny_mlp()
+    data = mlp_batches(3)
+    optimizer = EKFAC(model, lr=0.1, damping=0.1, momentum=0.9, inverse_every=inverse_every)
+    run(optimizer, model, data[:1])
+    before = [{k: v.clone() for k, v in optimizer.layer_state(i).items()} for i in range(2)]
+    params = [p.detach().clone() for p in model.parameters()]
+    real = kron.eigen_correction
+
+    def overflowing(*args, **kwargs):
+        return real(*args, **kwargs) * float("inf")
+
+    monkeypatch.setattr(ekfac_module.kron, "eigen_correction", overflowing)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        run(optimizer, model, data[1:2])
+    assert optimizer.skipped_steps == 1 and optimizer.steps == 1
+    for index in range(2):
+        state = optimizer.layer_state(index)
+        assert set(state) == set(before[index])
+        for key, value in before[index].items():
+            assert torch.equal(state[key], value), key
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p, q)
+    monkeypatch.setattr(ekfac_module.kron, "eigen_correction", real)
+    run(optimizer, model, data[2:])
+    assert optimizer.steps == 2
+
+
 def test_training_lowers_the_loss():
     torch.manual_seed(0)
     x = torch.randn(256, 2, 4, 4, dtype=torch.float64)
