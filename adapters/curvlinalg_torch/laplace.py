@@ -229,9 +229,7 @@ class Laplace:
                 log_likelihood = -loss if log_likelihood is None else log_likelihood - loss
                 # A sequence without a kept position is no example: n and the Fisher's 1/B
                 # count the batch with it deleted (B_eff), as the core's masks do.
-                effective = (
-                    batch if mask is None else int(mask.reshape(batch, -1).any(dim=1).sum())
-                )
+                effective = batch if mask is None else int(mask.reshape(batch, -1).any(dim=1).sum())
                 seen += effective
                 if not curvature:
                     continue
