@@ -365,6 +365,18 @@ def test_auto_picks_pairs_for_few_positions_and_explicit_for_many(
     assert influence._cross_method("auto", layer, layer, 8, 8, pair_cost) == expected
 
 
+@pytest.mark.parametrize("positions, expected", [(2, "pairs"), (3, "explicit")])
+def test_ekfac_scores_auto_switches_at_the_measured_crossover(positions: int, expected: str):
+    """bench_ekfac.py's T sweep (B_q = 8, B_t = 32, d = 256): the pairs path was faster at
+    T = 2 (0.63× the explicit path's time) and slower at T = 3 (1.37×)."""
+    query, train = _layer(8, positions, 256, 256), _layer(32, positions, 256, 256)
+    pair_cost = 256 * 256 + 3 * 256
+    chosen = influence._cross_method(
+        "auto", query, train, 8, 32, pair_cost, influence._PAIRS_SPEEDUP
+    )
+    assert chosen == expected
+
+
 def test_tiling_does_not_change_the_scores(
     backend: testing.Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
