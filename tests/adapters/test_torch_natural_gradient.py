@@ -28,6 +28,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 from curvlinalg import fisher as core_fisher
+from tests.adapters.test_torch_laplace import TinyMLP
 
 DTYPE = torch.float64
 LAMBDA = 0.05
@@ -293,22 +294,12 @@ def test_independent_batch_reuses_previous_factorisation(kind: str) -> None:
     assert_close((before - parameters_vector(model)) / LR, expected1)
 
 
-class SmallMlp(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.hidden = nn.Linear(4, 5)
-        self.head = nn.Linear(5, CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.hidden(x)))
-
-
 def test_kept_fisher_preconditions_a_weight_sharing_step() -> None:
     """The kept Fisher of a plain batch (one call per layer) preconditions the gradient of a
     later step whose forward calls every layer twice (weight sharing: two positions per
     example). Its rows and the batch's have different position counts; the step is
     ``(λI + F_0)⁻¹ ∇_1`` with ``∇_1`` autograd's gradient of the shared loss."""
-    model = make_model(kind=SmallMlp)
+    model = make_model(kind=TinyMLP)
     x0, y0 = make_batch(1, batch=5, shape=(4,))
     x1, y1 = make_batch(2, batch=6, shape=(4,))
     opt = NaturalGradient(
@@ -326,7 +317,7 @@ def test_kept_fisher_preconditions_a_weight_sharing_step() -> None:
     def shared_loss(net: nn.Module) -> torch.Tensor:
         return F.cross_entropy(net(x1[:3]) + net(x1[3:]), y1[:3])
 
-    clean = SmallMlp().to(DTYPE)
+    clean = TinyMLP().to(DTYPE)
     clean.load_state_dict(model.state_dict())
     names = [n for n, _ in clean.named_parameters()]
     grads = torch.autograd.grad(shared_loss(clean), list(clean.parameters()))
