@@ -419,8 +419,13 @@ def schedule(warmup: int, total: int):
     return factor
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_arguments(
+    argv: list[str] | None, stem: str, description: str, *, kfac_fisher: bool = True
+) -> argparse.Namespace:
+    """The command line shared with ``transformer_lm_jax.py`` (``stem``: the default output
+    names ``results/<stem>.json`` and ``<stem>_loss.png``; ``kfac_fisher``: offer
+    ``--kfac-fisher``)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=256)
@@ -435,7 +440,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--adamw-lrs", default="1e-3,3e-3,1e-2")
     parser.add_argument("--kfac-lr", type=float, default=0.03)
     parser.add_argument("--kfac-damping", type=float, default=0.03)
-    parser.add_argument("--kfac-fisher", default="empirical")
+    if kfac_fisher:
+        parser.add_argument("--kfac-fisher", default="empirical")
     parser.add_argument("--foof-lr", type=float, default=0.03)
     parser.add_argument("--foof-damping", type=float, default=0.3)
     parser.add_argument("--ng-lr", type=float, default=0.03)
@@ -458,8 +464,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.timing_rounds, args.timing_block = 2, 5
         args.update_every, args.inverse_every = 2, 5
     out_dir = HERE / "results" / ("tmp" if args.quick else "")
-    args.json = args.json or str(out_dir / "transformer.json")
-    args.figure = args.figure or str(out_dir / "transformer_loss.png")
+    args.json = args.json or str(out_dir / f"{stem}.json")
+    args.figure = args.figure or str(out_dir / f"{stem}_loss.png")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_arguments(argv, "transformer", __doc__.split("\n")[0])
     timing.pin_threads(args.threads)
 
     import torch
@@ -498,6 +509,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def step(k: int) -> float:
             x, y = batch(k)
             optimizer.zero_grad()
+            if hasattr(optimizer, "set_mask"):
+                # The curvature optimizers' factors over the real tokens only (padding out).
+                optimizer.set_mask(y != IGNORE)
             loss = lm_loss(model(x), y)
             loss.backward()
             optimizer.step()

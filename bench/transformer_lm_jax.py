@@ -82,7 +82,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import timing  # noqa: E402  (bench/timing.py: the shared timing protocol)
 import transformer_lm as lm  # noqa: E402  (data, schedule, training loop, figure: no torch)
 
-HERE = Path(__file__).resolve().parent
 SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 BLOCK_LAYERS = ("qkv", "proj", "fc", "fc2")
 
@@ -293,46 +292,8 @@ def make_step(name: str, model, tx, batch: int):
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--warmup-steps", type=int, default=50)
-    parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--val-sequences", type=int, default=256)
-    parser.add_argument("--files", type=int, default=0, help="first N stdlib files (0: all)")
-    parser.add_argument("--adamw-lrs", default="1e-3,3e-3,1e-2")
-    parser.add_argument("--kfac-lr", type=float, default=0.03)
-    parser.add_argument("--kfac-damping", type=float, default=0.03)
-    parser.add_argument("--foof-lr", type=float, default=0.03)
-    parser.add_argument("--foof-damping", type=float, default=0.3)
-    parser.add_argument("--ng-lr", type=float, default=0.03)
-    parser.add_argument("--ng-damping", type=float, default=0.1)
-    parser.add_argument("--update-every", type=int, default=10)
-    parser.add_argument("--inverse-every", type=int, default=100)
-    parser.add_argument("--timing-rounds", type=int, default=3)
-    parser.add_argument("--timing-block", type=int, default=100)
-    parser.add_argument("--only", default="", help="comma-separated entries (adamw always)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--figure", default=None)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.layers, args.width, args.heads, args.context, args.batch = 1, 32, 2, 32, 8
-        args.steps, args.warmup_steps, args.eval_every, args.val_sequences = 40, 5, 10, 16
-        args.files = args.files or 6
-        args.adamw_lrs = "3e-3"
-        args.timing_rounds, args.timing_block = 2, 5
-        args.update_every, args.inverse_every = 2, 5
-    out_dir = HERE / "results" / ("tmp" if args.quick else "")
-    args.json = args.json or str(out_dir / "transformer_jax.json")
-    args.figure = args.figure or str(out_dir / "transformer_jax_loss.png")
-    return args
+    # transformer_lm.py's command line without --kfac-fisher (see the module docstring).
+    return lm.parse_arguments(argv, "transformer_jax", __doc__.split("\n")[0], kfac_fisher=False)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

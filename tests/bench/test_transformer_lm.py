@@ -67,6 +67,20 @@ def test_transformer_lm_quick(tmp_path):
     assert result["meta"]["corpus"]["licence"].startswith("Python Software Foundation")
     names = ["adamw lr=0.003", "kfac", "foof", "ng"]
     assert list(result["curves"]) == names and list(result["summary"]) == names
+    check_quick_result(result, names)
+    for name in names:
+        curve = result["curves"][name]
+        if name != names[0]:
+            assert curve["captured_layers"] == [
+                f"blocks.0.{layer}" for layer in ("qkv", "proj", "fc", "fc2")
+            ]
+            assert curve["skipped_steps"] == 0
+
+
+def check_quick_result(result: dict, names: list[str]) -> None:
+    """What the torch and JAX ``--quick`` runs share: finite, complete curves, AdamW learning,
+    the target and the step-time table (``names[0]`` is the AdamW baseline)."""
+    assert list(result["curves"]) == names and list(result["summary"]) == names
     for name in names:
         curve = result["curves"][name]
         assert len(curve["train_loss"]) == 40
@@ -74,11 +88,6 @@ def test_transformer_lm_quick(tmp_path):
         assert all(math.isfinite(v) for v in curve["train_loss"] + curve["val_loss"])
         assert curve["seconds"] == sorted(curve["seconds"])
         assert curve["diverged_at_step"] is None and curve["error"] is None
-        if name != names[0]:
-            assert curve["captured_layers"] == [
-                f"blocks.0.{layer}" for layer in ("qkv", "proj", "fc", "fc2")
-            ]
-            assert curve["skipped_steps"] == 0
     adamw = result["curves"][names[0]]["val_loss"]
     assert all(later < earlier for earlier, later in zip(adamw, adamw[1:]))
     assert adamw[-1] < adamw[0] - 0.5  # from ~ln 256 = 5.55 nats/byte
