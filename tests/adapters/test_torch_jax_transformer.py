@@ -25,9 +25,10 @@ nn = pytest.importorskip("flax.linen")
 optax = pytest.importorskip("optax")
 
 import curvlinalg_jax as cj  # noqa: E402
-import curvlinalg_torch as ct  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from tests.adapters.test_torch_jax_agreement import CASES as AGREEMENT_CASES  # noqa: E402
 
 BATCH, LENGTH, WIDTH, CLASSES, STEPS, LR = 6, 4, 4, 3, 3, 0.2
 CE = optax.softmax_cross_entropy_with_integer_labels
@@ -104,18 +105,8 @@ def batches(padded: bool):
     return x, y.masked_fill(~mask, -100), mask
 
 
-CASES = {
-    "foof": (
-        lambda m: ct.FOOF(m, lr=LR, damping=0.3, ema_decay=0.6, factor_dtype=torch.float64),
-        lambda: cj.foof(0.3, decay=0.6),
-    ),
-    "kfac": (
-        lambda m: ct.KFAC(
-            m, lr=LR, damping=0.05, fisher="empirical", ema_decay=0.6, factor_dtype=torch.float64
-        ),
-        lambda: cj.kfac(0.05, decay=0.6),
-    ),
-}
+# The agreement test's FOOF and (π-damped) K-FAC, same LR and hyperparameters.
+CASES = {"foof": AGREEMENT_CASES["foof"], "kfac": AGREEMENT_CASES["kfac-factored"]}
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
