@@ -12,7 +12,7 @@ the per-example gradient is ``g_i = Σ_t e_itᵀ a_it``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -87,6 +87,17 @@ def vec(m: np.ndarray) -> np.ndarray:
 def mat(v: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Inverse of :func:`vec`."""
     return np.asarray(v).reshape(shape, order="F")
+
+
+def unvec_layers(v: np.ndarray, shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """``(..., D)`` → per-layer ``(..., d_out, d_in)`` for layer shapes ``(d_out, d_in)``:
+    the inverse of stacking the layers' column-major vecs."""
+    out, start = [], 0
+    for d_out, d_in in shapes:
+        block = v[..., start : start + d_out * d_in]
+        out.append(np.swapaxes(block.reshape(v.shape[:-1] + (d_in, d_out)), -1, -2))
+        start += d_out * d_in
+    return out
 
 
 def with_positions(x: np.ndarray) -> np.ndarray:

@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 
 from curvlinalg import influence, kron, laplace, testing, woodbury
 from tests.conftest import assert_backend_array, assert_close
-from tests.references import f64, to_np, with_positions
+from tests.references import f64, to_np, unvec_layers, with_positions
 
 LAYOUTS = ["B", "BT"]
 KINDS = ["bool", "weights"]
@@ -189,15 +189,6 @@ def _vec(m: np.ndarray) -> np.ndarray:
 def _dense_g(grads: list[np.ndarray]) -> np.ndarray:
     """``D×B``: column ``i`` is ``vec(g_i)``, layers stacked."""
     return np.concatenate([_vec(g) for g in grads], axis=1).T
-
-
-def _unvec(v: np.ndarray, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
-    out, start = [], 0
-    for d_out, d_in in shapes:
-        block = v[..., start : start + d_out * d_in]
-        out.append(np.swapaxes(block.reshape(v.shape[:-1] + (d_in, d_out)), -1, -2))
-        start += d_out * d_in
-    return out
 
 
 def _ratio(bound: np.ndarray, value: np.ndarray, terms: int) -> float:
@@ -383,7 +374,7 @@ def test_woodbury_contractions_and_solves_use_the_masked_g(
     w = rng.standard_normal((2, batch)).astype(dtype)
     outs = woodbury.matvec(captures, backend.asarray(w), mask=masks)
     for out, ref, bound in zip(
-        outs, _unvec((f64(w) @ g.T), shapes), _unvec(np.abs(f64(w)) @ g_abs.T, shapes)
+        outs, unvec_layers((f64(w) @ g.T), shapes), unvec_layers(np.abs(f64(w)) @ g_abs.T, shapes)
     ):
         assert_close(to_np(backend, out), ref, dtype, _ratio(bound, ref, batch * positions))
 
@@ -395,13 +386,13 @@ def test_woodbury_contractions_and_solves_use_the_masked_g(
     system = damping * np.eye(g.shape[0]) + scale * g @ g.T
     factors = woodbury.factorize(captures, damping, scale, mask=masks)
     solved = woodbury.solve(factors, [backend.asarray(v) for v in vectors])
-    expected = _unvec(np.linalg.solve(system, u.T).T, shapes)
+    expected = unvec_layers(np.linalg.solve(system, u.T).T, shapes)
     for out, ref in zip(solved, expected):
         assert_backend_array(out, backend, dtype)
         assert_close(to_np(backend, out), ref, dtype, solve_condition)
     coefficients = np.full((batch,), scale).astype(dtype)
     spanned = woodbury.solve_span(factors, backend.asarray(coefficients))
-    expected = _unvec(np.linalg.solve(system, g @ f64(coefficients)), shapes)
+    expected = unvec_layers(np.linalg.solve(system, g @ f64(coefficients)), shapes)
     for out, ref in zip(spanned, expected):
         assert_close(to_np(backend, out), ref, dtype, solve_condition)
 
@@ -409,7 +400,7 @@ def test_woodbury_contractions_and_solves_use_the_masked_g(
     solved = woodbury.solve_layers(per_layer, [backend.asarray(v[0]) for v in vectors])
     for out, layer_g, v in zip(solved, [_dense_g([gl]) for gl in grads], vectors):
         block = damping * np.eye(layer_g.shape[0]) + scale * layer_g @ layer_g.T
-        ref = _unvec(np.linalg.solve(block, _vec(v[0])), [v.shape[1:]])[0]
+        ref = unvec_layers(np.linalg.solve(block, _vec(v[0])), [v.shape[1:]])[0]
         assert_close(to_np(backend, out), ref, dtype, solve_condition)
     _unchanged(backend, layers, copies)
 
@@ -451,7 +442,7 @@ def test_laplace_sample_and_logdet_use_the_masked_fisher(
     v = math.sqrt(scale / TAU) * g
     y_vec = np.concatenate([_vec(part) for part in y], axis=1).T  # (D, S)
     inner = np.linalg.solve(np.eye(g.shape[1]) + v.T @ v, v.T @ y_vec + f64(z).T)
-    expected = _unvec(((y_vec - v @ inner) / math.sqrt(TAU)).T, shapes)
+    expected = unvec_layers(((y_vec - v @ inner) / math.sqrt(TAU)).T, shapes)
     drawn = laplace.sample(
         captures, TAU, N_DATA, [backend.asarray(p) for p in y], backend.asarray(z), mask=masks
     )

@@ -43,7 +43,7 @@ import curvlinalg
 from curvlinalg import testing, woodbury
 from tests import references
 from tests.conftest import assert_backend_array, assert_close, rtol
-from tests.references import f64, to_np, with_positions
+from tests.references import f64, to_np, unvec_layers, with_positions
 
 property_test = references.property_tests(references.quarter_on_jax)
 
@@ -75,16 +75,6 @@ def vec_layers(mats: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate(
         [np.swapaxes(f64(m), -1, -2).reshape(m.shape[:-2] + (-1,)) for m in mats], axis=-1
     )
-
-
-def unvec_layers(v: np.ndarray, shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-    """Inverse of :func:`vec_layers` for layer shapes ``(d_out, d_in)``."""
-    out, start = [], 0
-    for d_out, d_in in shapes:
-        block = v[..., start : start + d_out * d_in]
-        out.append(np.swapaxes(block.reshape(v.shape[:-1] + (d_in, d_out)), -1, -2))
-        start += d_out * d_in
-    return out
 
 
 def shapes_of(captures) -> list[tuple[int, int]]:
