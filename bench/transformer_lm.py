@@ -419,6 +419,34 @@ def schedule(warmup: int, total: int):
     return factor
 
 
+def time_steps(
+    names: list[str],
+    runs: dict[str, dict[str, Any]],
+    best: str,
+    args: argparse.Namespace,
+    make_step: Any,
+    note: str = "",
+) -> dict[str, Any]:
+    """Step time of the best AdamW run and of every curvature optimizer that trained without
+    error: blocks of ``args.timing_block`` consecutive steps, ``args.timing_rounds`` rounds
+    (+1 warm-up) in shuffled order (``bench/timing.py``); ``make_step(name, total_steps)``
+    gives a fresh ``step(k)``. Prints the table; returns the JSON's ``step_time``."""
+    timed_names = [best] + [
+        n for n in names if not n.startswith("adamw") and runs[n]["error"] is None
+    ]
+    total = args.timing_block * (args.timing_rounds + 1)
+    steps = {n: make_step(n, total) for n in timed_names}
+    times = timing.time_blocks(
+        steps, block=args.timing_block, rounds=args.timing_rounds, warmup=1, seed=args.seed
+    )
+    step_entries = [timing.summarise(times, n, best) for n in timed_names]
+    print(f"# {timing.describe(times)} (baseline: {best}{note})")
+    print(timing.TABLE_HEADER)
+    for entry in step_entries:
+        print(timing.table_row(entry))
+    return {"protocol": times.protocol(), "baseline": best, "entries": step_entries}
+
+
 def parse_arguments(
     argv: list[str] | None, stem: str, description: str, *, kfac_fisher: bool = True
 ) -> argparse.Namespace:
@@ -554,20 +582,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     target = add_time_to_target(runs, best)
 
-    # ---- step time: blocks of consecutive steps, rounds shuffled (bench/timing.py)
-    timed_names = [best] + [
-        n for n in names if not n.startswith("adamw") and runs[n]["error"] is None
-    ]
-    total = args.timing_block * (args.timing_rounds + 1)
-    steps = {n: fresh(n, best_lr, total)[2] for n in timed_names}
-    times = timing.time_blocks(
-        steps, block=args.timing_block, rounds=args.timing_rounds, warmup=1, seed=args.seed
+    step_time = time_steps(
+        names, runs, best, args, lambda name, total: fresh(name, best_lr, total)[2]
     )
-    step_entries = [timing.summarise(times, n, best) for n in timed_names]
-    print(f"# {timing.describe(times)} (baseline: {best})")
-    print(timing.TABLE_HEADER)
-    for entry in step_entries:
-        print(timing.table_row(entry))
 
     load = timing.load_average()
     print(f"# load average at the end (1, 5, 15 min): {load}")
@@ -590,7 +607,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "summary": summary,
         "curves": runs,
-        "step_time": {"protocol": times.protocol(), "baseline": best, "entries": step_entries},
+        "step_time": step_time,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     with open(args.json, "w") as file:

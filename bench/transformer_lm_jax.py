@@ -395,20 +395,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             train(name, best_lr)
     target = lm.add_time_to_target(runs, best)
 
-    # ---- step time: blocks of consecutive steps, rounds shuffled (bench/timing.py)
-    timed_names = [best] + [
-        n for n in names if not n.startswith("adamw") and runs[n]["error"] is None
-    ]
-    total = args.timing_block * (args.timing_rounds + 1)
-    steps = {n: fresh(n, best_lr, total)[1] for n in timed_names}
-    times = timing.time_blocks(
-        steps, block=args.timing_block, rounds=args.timing_rounds, warmup=1, seed=args.seed
+    step_time = lm.time_steps(
+        names,
+        runs,
+        best,
+        args,
+        lambda name, total: fresh(name, best_lr, total)[1],
+        "; compile excluded",
     )
-    step_entries = [timing.summarise(times, n, best) for n in timed_names]
-    print(f"# {timing.describe(times)} (baseline: {best}; compile excluded)")
-    print(timing.TABLE_HEADER)
-    for entry in step_entries:
-        print(timing.table_row(entry))
     for name, seconds in compile_seconds.items():
         print(f"# compile (lower + compile) {name}: {seconds:.2f} s")
 
@@ -440,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "summary": summary,
         "curves": runs,
-        "step_time": {"protocol": times.protocol(), "baseline": best, "entries": step_entries},
+        "step_time": step_time,
         "compile_seconds": compile_seconds,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
