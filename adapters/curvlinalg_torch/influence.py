@@ -497,8 +497,7 @@ def _counts(a: Tensor, mask: Tensor | None) -> tuple[float, float]:
     position (``B_eff``) and the kept positions."""
     if mask is None:
         return float(a.shape[0]), float(a.shape[:-1].numel())
-    examples = mask if mask.ndim == 1 else mask.reshape(mask.shape[0], -1).any(-1)
-    return float(examples.sum()), float(mask.sum())
+    return float(kron.example_count(mask, dtype=a.dtype)), float(mask.sum())
 
 
 def _kept(mask: Tensor | None, a: Tensor) -> Tensor:
